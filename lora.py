@@ -16,9 +16,11 @@ MoTE and its ablation baselines (METHOD.md section 3) is only the mixing weights
                      load-balancing loss: gate_weights().
     routing="single" one plain LoRA: E = 1, w = 1.
 
-The bank evaluates every expert's down-projection A_e x (one matmul of rank E*r) and zeroes the
-experts a token does not use before the up-projection: no loop over experts or tokens. For E*r = 64
-this costs about what one rank-64 LoRA costs; bench.py measures it against a single LoRA.
+Vectorised form: one matmul makes every expert's down-projection A_e x (E*r = 64 columns), the
+experts a token does not use are zeroed, and one matmul makes the up-projections. No loop over
+experts or tokens. Sorting tokens by expert into a padded batched matmul, or a loop over experts,
+measured slower on CPU (see bench.py); the extra rank costs little because these matmuls are
+dominated by reading x and writing y, which a single LoRA does too.
 """
 import math
 
@@ -41,6 +43,7 @@ class ExpertBank(nn.Module):
         self.B = nn.Parameter(torch.zeros(n_experts, out_features, rank, device=base.weight.device))
         for a in self.A:  # each expert as nn.Linear / PEFT initialise LoRA's A
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.register_buffer("mix", self.mixing_table(n_experts, shared, alpha).to(base.weight.device), persistent=False)
         if routing == "token":
             self.gate = nn.Linear(in_features, n_experts, bias=False, device=base.weight.device)
             nn.init.zeros_(self.gate.weight)  # start from uniform routing
@@ -54,12 +57,19 @@ class ExpertBank(nn.Module):
     def step_weights(self, route):
         """MoTE's hard step-level routing (paper sec. 3.2, METHOD.md sec. 3): token t uses the expert
         of its step with weight alpha and the shared expert with weight 1 - alpha. No gate, no
-        balance loss. route (...,) long in [0, n_step_experts) -> weights (..., E)."""
-        n_steps = self.n_experts - 1 if self.shared else self.n_experts
-        w = F.one_hot(route, n_steps).to(self.A.dtype) * self.alpha
-        if self.shared:
-            w = torch.cat([w, torch.full_like(w[..., :1], 1.0 - self.alpha)], dim=-1)
-        return w
+        balance loss. route (...,) long in [0, n_step_experts) -> weights (..., E): a row of
+
+            mixing_table: step s -> [0 .. alpha (at s) .. 0, 1 - alpha (shared, last)]"""
+        return self.mix[route]
+
+    @staticmethod
+    def mixing_table(n_experts: int, shared: bool, alpha: float):
+        """(n_step_experts, E): row s holds the expert weights of a token of step s."""
+        n_steps = n_experts - 1 if shared else n_experts
+        table = torch.eye(n_steps) * alpha
+        if shared:
+            table = torch.cat([table, torch.full((n_steps, 1), 1.0 - alpha)], dim=1)
+        return table
 
     def gate_weights(self, x):
         """Token-level gated MoE (the ablation's "vanilla MoE"): softmax gate, top-k experts per token,
@@ -76,6 +86,8 @@ class ExpertBank(nn.Module):
     def expert_weights(self, x, route):
         """(..., E) mixing weights of every token over the experts, for this bank's routing."""
         if self.routing == "step":
+            if route is None:
+                raise ValueError("a step-routed expert bank needs the route of every token (see mote.route)")
             return self.step_weights(route)
         if self.routing == "token":
             return self.gate_weights(x)
@@ -86,10 +98,11 @@ class ExpertBank(nn.Module):
         y = self.base(x)
         if self.merged is not None:  # the experts are inside W0 (see merge)
             return y
-        w = self.expert_weights(x, route)  # (..., E)
-        h = torch.einsum("...i,eri->...er", x, self.A.to(x.dtype))  # (..., E, r): all down-projections at once
-        h = h * w.to(h.dtype)[..., None]  # a token keeps only the experts it is routed to
-        return y + torch.einsum("...er,eor->...o", h, self.B.to(x.dtype)) * self.scale
+        E, r, d_in = self.A.shape
+        w = self.expert_weights(x, route) * self.scale  # (..., E)
+        h = x @ self.A.view(E * r, d_in).to(x.dtype).T  # (..., E*r): every expert's down-projection, one matmul
+        h = (h.unflatten(-1, (E, r)) * w.to(h.dtype)[..., None]).flatten(-2)  # a token keeps only its experts
+        return y + h @ self.B.permute(1, 0, 2).reshape(-1, E * r).to(x.dtype).T  # (..., out): up-projections, one matmul
 
     def delta(self, step: int):
         """The dense (out, in) update of a token of `step`: sum_e w_e * s * B_e A_e, in fp32."""

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -255,6 +256,7 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("rope_freqs", rope_frequencies(args), persistent=False)
+        self.checkpointing = False  # recompute each block in the backward pass (activation checkpointing)
 
     def hidden(self, tokens, positions=None, mask=None, cache=None, route=None):
         """tokens (B, T) -> final hidden states (B, T, dim), before the output head.
@@ -273,7 +275,10 @@ class Transformer(nn.Module):
         x = self.embed_tokens(tokens)  # (B, T, dim)
         cos, sin = rope_cos_sin(self.rope_freqs, positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache, route)
+            if self.checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, route, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, route)
         if cache is not None:
             cache.length += T
         return self.norm(x)

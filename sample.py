@@ -1,0 +1,244 @@
+"""Generate from a base, or from a base with MoTE experts that switch at the step markers.
+
+    python sample.py --base smollm2-135m-instruct.safetensors --prompt "What is the capital of France?"
+    python sample.py --adapters runs/demo --prompt "How do I pick a lock?" --path auto
+    python sample.py --adapters runs/demo --prompts questions.txt --out answers.jsonl
+
+With experts the model starts at the first step, and every token it emits is routed to the expert of
+the step it belongs to (mote.token_steps on what has been generated): emitting <|guidance|> switches
+the active expert to guidance, and so on, until <|/response|> ends the answer (METHOD.md sec. 3-4).
+--path auto lets the model choose its steps (adaptive length); answer, analysis and full force the
+markers of question -> answer, question -> analysis -> answer, and the full chain.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+import data
+import mote
+from model import CheckpointError, KVCache, Transformer, causal_mask
+
+PATHS = {"auto": None, "answer": (2,), "analysis": (0, 2), "full": (0, 1, 2)}
+COLOURS = {mote.QUESTION: "", 0: "\033[33m", 1: "\033[36m", 2: "\033[32m"}  # analysis yellow, guidance cyan, response green
+
+
+def pick(logits, temperature: float, top_p: float, generator=None):
+    """logits (B, V) -> next ids (B,): greedy at temperature 0, else nucleus (top-p) sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    p, idx = probs.sort(dim=-1, descending=True)
+    p[(p.cumsum(-1) - p) > top_p] = 0  # keep the smallest head whose mass reaches top_p
+    choice = torch.multinomial(p / p.sum(-1, keepdim=True), 1, generator=generator)
+    return idx.gather(-1, choice)[:, 0]
+
+
+def step_grammar(generated: list, path, base_vocab: int):
+    """Which markers may come next in a row, and whether plain text may (the chain's grammar):
+    first a start marker; inside step s, text or s's end marker; after an end marker, the start
+    marker of a later step (auto: any later one, a forced path: its next one). -> (markers, text_ok),
+    or None when the response has ended."""
+    markers = [t for t in generated if t >= base_vocab]
+    order = PATHS[path] or (0, 1, 2)
+    if not markers:
+        return ([mote.start_marker(base_vocab, s) for s in order] if path == "auto" else
+                [mote.start_marker(base_vocab, order[0])]), False
+    step, is_start = (markers[-1] - base_vocab) // 2, (markers[-1] - base_vocab) % 2 == 0
+    if is_start:
+        return [mote.end_marker(base_vocab, step)], True
+    later = [s for s in order if s > step]
+    if step == 2 or not later:
+        return None
+    return ([mote.start_marker(base_vocab, s) for s in later] if path == "auto" else
+            [mote.start_marker(base_vocab, later[0])]), False
+
+
+@torch.no_grad()
+def generate(model, prompts: list, stop_ids, max_new_tokens=256, experts=False, path="auto",
+             temperature=0.0, top_p=1.0, seed=0, merge=False, on_token=None):
+    """Batched decoding with a KV cache. prompts: lists of ids -> lists of generated ids.
+
+    Prompts are left-padded; padding is masked out of attention and positions start at each
+    prompt's first token, so a row decodes exactly as it would alone. With experts=True each new
+    token is routed by mote.token_steps over the row so far and the step grammar is enforced;
+    merge=True (one row only) folds the active experts into the weights at every step change."""
+    device = next(model.parameters()).device
+    V = model.args.vocab_size
+    B, L = len(prompts), max(len(p) for p in prompts)
+    history = torch.full((B, L), stop_ids[0], dtype=torch.long, device=device)
+    valid = torch.zeros(B, L, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        history[i, L - len(p):], valid[i, L - len(p):] = torch.tensor(p), True
+    cache = KVCache(model.args, B, L + max_new_tokens, device, next(model.parameters()).dtype)
+    positions = (valid.cumsum(-1) - 1).clamp(min=0)
+    mask = causal_mask(L, L, device) & valid[:, None, :] | torch.eye(L, dtype=torch.bool, device=device)
+    question_expert = torch.full((B,), mote.INFERENCE_QUESTION_EXPERT, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    merge = merge and experts and B == 1
+    merged = [None]
+
+    def forward(tokens, history, positions, mask):
+        route = None
+        if experts:  # each new token's expert, read from the markers of its row so far
+            route = mote.route(mote.token_steps(history, V)[:, -tokens.shape[1]:], question_expert)
+            if merge and route[0, -1].item() != merged[0]:  # a step starts: fold its expert into W0
+                merged[0] = route[0, -1].item()
+                mote.merge_step(model, merged[0])
+        return model(tokens, positions=positions, mask=mask, cache=cache, route=route)[:, -1].float()
+
+    logits = forward(history, history, positions, mask)  # prefill
+    out, done = [[] for _ in range(B)], [False] * B
+    for t in range(max_new_tokens):
+        if experts:
+            logits = constrain(logits, [step_grammar(o, path, V) for o in out], V)
+        nxt = pick(logits, temperature, top_p, generator)
+        for i in range(B):
+            if not done[i]:
+                out[i].append(nxt[i].item())
+                if on_token:
+                    on_token(i, out[i])
+                done[i] = out[i][-1] in stop_ids or (experts and step_grammar(out[i], path, V) is None)
+        if all(done) or t == max_new_tokens - 1:
+            break
+        history = torch.cat([history, nxt[:, None]], dim=1)
+        valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
+        positions = positions[:, -1:] + 1
+        logits = forward(nxt[:, None], history, positions, valid[:, None, :])
+    if merged[0] is not None:
+        mote.merge_step(model, None)
+    return out
+
+
+def constrain(logits, grammars, base_vocab):
+    """Set to -inf the logits of tokens the step grammar forbids in each row (B, V + 6)."""
+    for i, grammar in enumerate(grammars):
+        if grammar is None:
+            continue
+        allowed, text_ok = grammar
+        keep = logits[i, allowed].clone()
+        logits[i, base_vocab:] = float("-inf")
+        if not text_ok:
+            logits[i, :base_vocab] = float("-inf")
+        logits[i, allowed] = keep
+    return logits
+
+
+def split_steps(tokens: list, base_vocab: int) -> dict:
+    """Generated ids -> the ids of each step, markers removed: {"analysis": [...], ...}."""
+    steps = mote.token_steps(torch.tensor([tokens]), base_vocab)[0].tolist() if tokens else []
+    return {name: [t for t, s in zip(tokens, steps) if s == i and t < base_vocab] for i, name in enumerate(mote.STEPS)}
+
+
+class Streamer:
+    """Prints row 0 as it is generated, with a label (and on a TTY a colour) for each step's expert."""
+
+    def __init__(self, tok, base_vocab, experts):
+        self.tok, self.V, self.experts = tok, base_vocab, experts
+        self.step, self.span, self.shown, self.tty = None, [], "", sys.stdout.isatty()
+
+    def __call__(self, row, generated):
+        if row != 0:
+            return
+        step = mote.token_steps(torch.tensor([generated]), self.V)[0, -1].item() if self.experts else None
+        if step != self.step:  # the next expert takes over: label its span
+            self.step, self.span, self.shown = step, [], ""
+            label = f"[{mote.STEPS[step]} expert]"
+            print(f"\n{COLOURS[step]}{label}\033[0m " if self.tty else f"\n{label} ", end="", flush=True)
+        if generated[-1] < self.V and generated[-1] not in self.tok.stop_ids:
+            self.span.append(generated[-1])
+        text = self.tok.decode(self.span)
+        if not text.endswith("\ufffd"):  # hold back a partly generated UTF-8 character
+            new = text[len(self.shown):]
+            print(COLOURS[step] + new + "\033[0m" if self.tty and self.experts else new, end="", flush=True)
+            self.shown = text
+
+
+def load(base: str | None, adapters: str | None, device: str):
+    """The base (with its tokenizer) and, if given, the trained experts on it."""
+    if adapters and os.path.isdir(adapters):
+        if base is None and os.path.exists(os.path.join(adapters, "train_config.json")):
+            base = json.load(open(os.path.join(adapters, "train_config.json")))["base"]
+        adapters = os.path.join(adapters, "adapters.safetensors")
+    if base is None:
+        sys.exit("error: give --base (or --adapters DIR written by train.py, which names its base)")
+    try:
+        model = Transformer.from_pretrained(base, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
+        tok = data.load_tokenizer(base)
+        if adapters:
+            mote.load_adapters(model, adapters)
+            tok = tok.with_special_tokens(mote.marker_tokens(model.args.vocab_size))
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    return model, tok
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--base", help="base checkpoint (default: the base the adapters were trained on)")
+    p.add_argument("--adapters", help="a train.py output directory, or its adapters.safetensors")
+    p.add_argument("--prompt", help="one question")
+    p.add_argument("--prompts", help="a file of questions (one per line, or JSONL with a 'question' field)")
+    p.add_argument("--out", help="with --prompts: write one JSON record per question here")
+    p.add_argument("--path", choices=list(PATHS), default="auto", help="which steps the experts take")
+    p.add_argument("--raw", action="store_true", help="continue the prompt as plain text, without the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--merge", action="store_true", help="fold the active experts into the weights (one prompt)")
+    args = p.parse_args(argv)
+    if not (args.prompt or args.prompts):
+        p.error("give --prompt or --prompts")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok = load(args.base, args.adapters, device)
+    experts = args.adapters is not None
+    V = model.args.vocab_size
+    gen = dict(stop_ids=tok.stop_ids, max_new_tokens=args.max_new_tokens, experts=experts, path=args.path,
+               temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    encode = tok.encode if args.raw else tok.chat
+
+    if args.prompt:
+        streamer = Streamer(tok, V, experts)
+        print(args.prompt if args.raw else f"> {args.prompt}", end="" if args.raw else "\n", flush=True)
+        t0 = time.time()
+        ids = generate(model, [encode(args.prompt)], merge=args.merge, on_token=streamer, **gen)[0]
+        seconds = time.time() - t0
+        print()
+        if experts:
+            answer = tok.decode(split_steps(ids, V)["response"]).strip()
+            print(f"\n--- final answer ---\n{answer}")
+        print(f"\n({len(ids)} tokens in {seconds:.1f} s, {len(ids) / seconds:.1f} tokens/s)", file=sys.stderr)
+        return
+
+    try:
+        lines = [line for line in open(args.prompts, encoding="utf-8").read().splitlines() if line.strip()]
+    except OSError as e:
+        sys.exit(f"error: {args.prompts}: {e}")
+    questions = []
+    for n, line in enumerate(lines, 1):
+        try:
+            questions.append(json.loads(line)["question"] if line.lstrip().startswith("{") else line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            sys.exit(f"error: {args.prompts}:{n}: expected a question per line or a JSON object with 'question'")
+    sink = open(args.out, "w") if args.out else None
+    for i in range(0, len(questions), args.batch_size):
+        batch = questions[i:i + args.batch_size]
+        for q, ids in zip(batch, generate(model, [encode(q) for q in batch], **gen)):
+            record = {"question": q, "path": args.path if experts else None, "n_tokens": len(ids)}
+            if experts:
+                record |= {k: tok.decode(v).strip() for k, v in split_steps(ids, V).items()}
+            else:
+                record["answer"] = tok.decode([t for t in ids if t not in tok.stop_ids]).strip()
+            print(json.dumps(record, ensure_ascii=False), file=sink or sys.stdout, flush=True)
+    if sink:
+        sink.close()
+        print(f"wrote {len(questions)} records to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

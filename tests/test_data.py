@@ -1,0 +1,116 @@
+"""data.py chains: validation errors name file and line, encoding layout and label masks, batching,
+the HH-RLHF question loader, and the committed demo set."""
+import gzip
+import json
+import os
+
+import pytest
+import torch
+
+import mote
+from data import DataError, byte_tokenizer, collate, encode_chain, encode_chains, hh_questions, read_chains
+
+V = 264
+TOK = byte_tokenizer().with_special_tokens(mote.marker_tokens(V))
+DEMO = os.path.join(os.path.dirname(__file__), "..", "data", "demo_chains.jsonl")
+HH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf", "harmless-base-test.jsonl.gz")
+
+
+def write(tmp_path, *lines):
+    path = tmp_path / "chains.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+GOOD = json.dumps({"question": "q?", "answer": "a."})
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"question": "q", "answer": ', "invalid JSON"),
+    ('["question", "answer"]', "expected a JSON object, got list"),
+    ('{"question": "q"}', "missing or empty 'answer'"),
+    ('{"question": "q", "answer": "   "}', "missing or empty 'answer'"),
+    ('{"question": "", "answer": "a"}', "missing or empty 'question'"),
+    ('{"question": "q", "answer": "a", "reasoning": "r"}', r"unknown keys \['reasoning'\]"),
+    ('{"question": "q", "answer": "a", "analysis": 3}', "field 'analysis' must be a string, got int"),
+    ('{"question": "q", "answer": ["a"]}', "field 'answer' must be a string, got list"),
+])
+def test_bad_lines_name_file_and_line(tmp_path, line, message):
+    path = write(tmp_path, GOOD, "", line)  # line 3 (the blank line 2 is skipped)
+    with pytest.raises(DataError, match=f"chains.jsonl:3: {message}"):
+        read_chains(path)
+
+
+def test_empty_and_unreadable_files(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(DataError, match="empty.jsonl: no chains"):
+        read_chains(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(DataError, match="nope.jsonl: cannot read"):
+        read_chains(str(tmp_path / "nope.jsonl"))
+
+
+def test_train_py_reports_bad_data_in_one_line(tmp_path):
+    import subprocess
+    import sys
+    path = write(tmp_path, GOOD, '{"question": "q"}')
+    run = subprocess.run([sys.executable, "train.py", "--base", "x", "--data", path, "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert run.stderr.strip() == f"error: {path}:2: missing or empty 'answer'"
+
+
+def test_chain_encoding_layout_and_labels():
+    chain = {"question": "Hi?", "analysis": "risk", "answer": "ok", "check": "safe"}
+    tokens, targets = encode_chain(TOK, chain, V)
+    prompt = TOK.chat("Hi?")
+    A, A_, R, R_ = V, V + 1, V + 4, V + 5
+    assert tokens == prompt + [A, *TOK.encode("risk"), A_, R, *TOK.encode("ok"), R_, TOK.eot_id]
+    learned = [t for t, y in enumerate(targets) if y != -100]
+    assert learned == list(range(len(prompt) - 1, len(tokens) - 1))  # from the first marker to the eot
+    assert all(targets[t] == tokens[t + 1] for t in learned)
+    steps = mote.token_steps(torch.tensor([tokens]), V)[0].tolist()
+    assert steps == [mote.QUESTION] * len(prompt) + [0] * 6 + [2] * 5
+    assert TOK.decode(tokens[len(prompt):]) == "<|analysis|>risk<|/analysis|><|response|>ok<|/response|><|eot|>"
+
+
+def test_long_chains_are_dropped_and_counted():
+    chains = [{"question": "q", "answer": "a" * n} for n in (5, 500, 10)]
+    kept, dropped = encode_chains(TOK, chains, V, max_len=100)
+    assert dropped == 1 and [len(t) for t, _ in kept] == [len(encode_chain(TOK, chains[0], V)[0]),
+                                                          len(encode_chain(TOK, chains[2], V)[0])]
+
+
+def test_collate_pads_on_the_right():
+    a, b = encode_chain(TOK, {"question": "q", "answer": "a"}, V), encode_chain(TOK, {"question": "q", "answer": "abc"}, V)
+    tokens, targets, valid = collate([a, b], pad_id=TOK.eot_id)
+    assert tokens.shape == (2, len(b[0])) and valid.sum(1).tolist() == [len(a[0]), len(b[0])]
+    assert (targets[0, len(a[0]):] == -100).all() and tokens[0, :len(a[0])].tolist() == a[0]
+
+
+def test_hh_questions_first_human_turn_deduplicated(tmp_path):
+    path = tmp_path / "hh.jsonl.gz"
+    dialogues = ["\n\nHuman: How do I bake bread?\n\nAssistant: Flour.\n\nHuman: And?\n\nAssistant: Water.",
+                 "\n\nHuman: How do I bake bread?\n\nAssistant: Yeast.", "\n\nHuman: Is it late?\n\nAssistant: Yes."]
+    with gzip.open(path, "wt") as f:
+        f.writelines(json.dumps({"chosen": d, "rejected": d}) + "\n" for d in dialogues)
+    assert hh_questions(str(path)) == ["How do I bake bread?", "Is it late?"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"chosen": "\\n\\nHuman: x\\n\\nAssistant: y"}\n{"text": 1}\n')
+    with pytest.raises(DataError, match="bad.jsonl:2: not an HH-RLHF record"):
+        hh_questions(str(bad))
+
+
+@pytest.mark.skipif(not os.path.exists(HH), reason="HH-RLHF not beside the checkout (../shared/data/hh-rlhf)")
+def test_hh_questions_on_the_real_file():
+    questions = hh_questions(HH)
+    assert 2000 < len(questions) <= 2312 and len(set(questions)) == len(questions)
+    assert all(q and "Human:" not in q and "Assistant:" not in q for q in questions)
+
+
+def test_demo_set_is_valid_and_mixed():
+    chains = read_chains(DEMO)
+    full = [c for c in chains if "analysis" in c and "guidance" in c]
+    analysis_only = [c for c in chains if "analysis" in c and "guidance" not in c]
+    direct = [c for c in chains if "analysis" not in c and "guidance" not in c]
+    assert len(chains) >= 150 and len(full) >= 75 and len(analysis_only) >= 20 and len(direct) >= 30
+    assert len({c["question"] for c in chains}) == len(chains)

@@ -1,0 +1,111 @@
+"""sample.py: the sampler switches experts at step markers, forced paths emit exactly their
+markers, and batched decoding equals decoding one prompt at a time."""
+import pytest
+import torch
+
+import mote
+from model import ModelArgs, Transformer
+from sample import generate, pick, split_steps
+
+V = 264
+A, A_, G, G_, R, R_ = range(V, V + 6)
+TEXT, STOP = 65, 260
+
+
+class MarkerHappyModel(torch.nn.Module):
+    """A stand-in model that records the route it is given for every token and wants to write
+    three text tokens per step, then close the step, and at a step boundary prefers <|guidance|>:
+    scores <g> 12 > text 11.5 (while a step has < 3 text tokens) > end markers 11 > <a> 10 > <r> 9."""
+
+    def __init__(self):
+        super().__init__()
+        self.args = ModelArgs.preset("tiny")
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.routes, self.seen = [], []
+
+    def forward(self, tokens, positions=None, mask=None, cache=None, route=None):
+        cache.length += tokens.shape[1]
+        self.routes += route[0].tolist()
+        self.seen += tokens[0].tolist()
+        since_marker = 0
+        for t in reversed(self.seen):
+            if t >= V:
+                break
+            since_marker += 1
+        logits = torch.full((1, tokens.shape[1], V + 6), -100.0)
+        logits[..., [G, A_, G_, R_, A, R]] = torch.tensor([12.0, 11, 11, 11, 10, 9])
+        logits[..., TEXT] = 11.5 if since_marker < 3 else 0.0
+        return logits
+
+
+def run_path(path):
+    model = MarkerHappyModel()
+    out = generate(model, [[1, 2, 3]], [STOP], max_new_tokens=40, experts=True, path=path)[0]
+    return model, out
+
+
+@pytest.mark.parametrize("path,markers", [
+    ("auto", [G, G_, R, R_]),  # the model's own choice: it skips the analysis
+    ("answer", [R, R_]),
+    ("analysis", [A, A_, R, R_]),
+    ("full", [A, A_, G, G_, R, R_]),
+])
+def test_forced_paths_emit_exactly_their_markers(path, markers):
+    _, out = run_path(path)
+    assert [t for t in out if t >= V] == markers
+    assert out[-1] == R_  # generation stops after the response
+    taken = [name for name, ids in split_steps(out, V).items() if ids]
+    assert all(split_steps(out, V)[name] == [TEXT] * 3 for name in taken)
+
+
+def test_sampler_switches_experts_at_the_markers():
+    """Every token is processed by the expert of its step: the question by the inference expert,
+    a start marker by the step it opens, an end marker by its own step."""
+    model, out = run_path("full")
+    fed = [1, 2, 3] + out[:-1]  # the prompt, then each generated token is fed back (the last is not)
+    assert model.seen == fed
+    q = mote.INFERENCE_QUESTION_EXPERT
+    expected = [q, q, q] + [0] * 5 + [1] * 5 + [2] * 4  # <a> x x x </a> | <g> x x x </g> | <r> x x x
+    assert model.routes == expected
+    assert split_steps(out, V) == {"analysis": [TEXT] * 3, "guidance": [TEXT] * 3, "response": [TEXT] * 3}
+
+
+def tiny_with_experts():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.preset("tiny")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    mote.attach(model)
+    with torch.no_grad():
+        for b in mote.banks(model):
+            b.B.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("experts", [False, True])
+def test_batch_decoding_equals_one_by_one(experts):
+    model = tiny_with_experts() if experts else Transformer(ModelArgs.preset("tiny")).eval()
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [15]]
+    kw = dict(stop_ids=[STOP], max_new_tokens=12, experts=experts, path="full" if experts else "auto")
+    batched = generate(model, prompts, **kw)
+    assert batched == [generate(model, [p], **kw)[0] for p in prompts]
+    if experts:
+        assert all(out[0] == A for out in batched)
+
+
+def test_merged_experts_decode_like_routed_ones():
+    model = tiny_with_experts()
+    kw = dict(stop_ids=[STOP], max_new_tokens=16, experts=True, path="full")
+    assert generate(model, [[5, 6, 7]], merge=True, **kw) == generate(model, [[5, 6, 7]], **kw)
+    assert all(b.merged is None for b in mote.banks(model))
+
+
+def test_sampling_is_seeded_and_top_p_keeps_the_head():
+    logits = torch.tensor([[4.0, 3.0, 0.0, -2.0]])
+    g = lambda: torch.Generator().manual_seed(0)
+    draws = [pick(logits, 1.0, 0.5, g()).item() for _ in range(5)]
+    assert draws == [0] * 5  # p(0) = 0.70 > top_p: only token 0 survives
+    a = [pick(logits.expand(64, 4), 1.0, 1.0, g()) for _ in range(2)]
+    assert torch.equal(a[0], a[1]) and len(set(a[0].tolist())) > 1
+    assert pick(logits, 0.0, 0.9).item() == 0

@@ -1,0 +1,267 @@
+"""Train MoTE experts on reasoning chains over a frozen base (METHOD.md sec. 1-5).
+
+    python train.py --base smollm2-135m-instruct.safetensors --data data/demo_chains.jsonl --out runs/demo
+
+Every optimizer step: draw a question expert and a step-drop pattern per chain, build the skipping
+mask and positions (mote.skip_mask), route every token to its step's expert (mote.route), and take
+the next-token loss on the steps and markers only. Only the experts and marker rows train (AdamW),
+with warmup + cosine decay, gradient clipping and bf16 autocast on CUDA. Writes DIR/adapters.safetensors
+(the experts, for sample.py), DIR/checkpoint.safetensors (everything --resume needs; no pickle) and
+DIR/metrics.jsonl.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+import data
+import mote
+from model import CheckpointError, Transformer
+
+KINDS = ("analysis", "guidance", "response")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--base", required=True, help="base checkpoint (.safetensors file or directory)")
+    p.add_argument("--data", required=True, help="JSONL reasoning chains (see README: data format)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--epochs", type=float, default=3, help="paper: 3")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: epochs decide)")
+    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (paper: 2e-5; LoRA usually wants ~1e-4 to 1e-3)")
+    p.add_argument("--batch-size", type=int, default=16, help="chains per optimizer step (paper: 16)")
+    p.add_argument("--micro-batch", type=int, default=4, help="chains per forward pass; gradients accumulate to --batch-size")
+    p.add_argument("--warmup", type=float, default=0.05, help="warmup, as a fraction of the steps")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scale = lora_alpha / rank")
+    p.add_argument("--alpha", type=float, default=0.5, help="step-expert weight; the shared expert gets 1 - alpha")
+    p.add_argument("--skip-p", type=float, default=0.2, help="probability of dropping each earlier step (0: no skipping)")
+    p.add_argument("--routing", choices=("step", "token", "single"), default="step",
+                   help="step: MoTE; token: gated MoE baseline; single: one LoRA")
+    p.add_argument("--no-shared", action="store_true", help="ablation: no shared expert (the step expert gets weight 1)")
+    p.add_argument("--balance-coef", type=float, default=0.01, help="load-balancing loss weight (--routing token)")
+    p.add_argument("--max-len", type=int, default=1024, help="longer chains are dropped and counted")
+    p.add_argument("--val-frac", type=float, default=0.1, help="share of chains held out for validation")
+    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: at the end only)")
+    p.add_argument("--save-every", type=int, default=50, help="write the resumable checkpoint every N steps")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (an 8B base on 24 GB)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def split(chains, val_frac, seed):
+    """A fixed split: a seeded permutation; its first val_frac of the chains are the validation set."""
+    order = torch.randperm(len(chains), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = round(len(chains) * val_frac)
+    return [chains[i] for i in order[n_val:]], [chains[i] for i in order[:n_val]]
+
+
+def lr_at(step, total, warmup, peak):
+    """Linear warmup to peak, then cosine decay to peak / 10."""
+    warm = max(1, round(warmup * total))
+    if step < warm:
+        return peak * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def token_losses(head, h, y):
+    return F.cross_entropy(head(h).float(), y, reduction="none")
+
+
+def chunked_token_losses(head, hidden, targets, chunk=1024):
+    """Per-token cross-entropy of the learned positions (targets != -100) without holding fp32
+    logits for the whole batch: logits are made chunk by chunk and recomputed in the backward pass
+    (for a 128k vocabulary, logits of 16 x 2048 tokens would be 16 GiB in fp32)."""
+    h, y = hidden[targets != -100], targets[targets != -100]  # (N, dim), (N,)
+    return torch.cat([checkpoint(token_losses, head, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
+                      for i in range(0, len(y), chunk)] or [hidden.new_zeros(0)])
+
+
+def chain_loss(model, batch, base_vocab, question_expert, dropped):
+    """One forward pass of MoTE training over a padded batch -> (per-token losses (N,), their steps (N,)).
+
+    question_expert (B,) and dropped (B, 3) are the random draws (mote.draw_question_experts,
+    mote.draw_drops); pass INFERENCE_QUESTION_EXPERT and no drops to evaluate."""
+    tokens, targets, valid = batch
+    steps = mote.token_steps(tokens, base_vocab)
+    mask, positions = mote.skip_mask(steps, dropped, valid)
+    targets = mote.skip_targets(targets, steps, dropped)
+    hidden = model.hidden(tokens, positions=positions, mask=mask, route=mote.route(steps, question_expert))
+    # a loss counts to the step of the token it predicts: a start marker to the step it opens
+    opened = mote.token_steps(targets.clamp(min=0)[..., None], base_vocab)[..., 0]
+    target_steps = torch.where(opened != mote.QUESTION, opened, steps)
+    return chunked_token_losses(model.lm_head, hidden, targets), target_steps[targets != -100]
+
+
+def per_kind(losses, steps):
+    """Sum of the token losses of each step kind, (3,) float64 (a plain sum: deterministic)."""
+    return (F.one_hot(steps, 3).double() * losses.double()[:, None]).sum(0).cpu()
+
+
+@torch.no_grad()
+def evaluate(model, dataset, pad_id, base_vocab, micro, device, amp):
+    """Mean validation loss per step kind and overall: full chains, the inference question expert."""
+    model.eval()
+    sums, counts = torch.zeros(3, dtype=torch.float64), torch.zeros(3)
+    for i in range(0, len(dataset), micro):
+        batch = [t.to(device) for t in data.collate(dataset[i:i + micro], pad_id)]
+        B = batch[0].shape[0]
+        with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+            losses, steps = chain_loss(model, batch, base_vocab, torch.full((B,), mote.INFERENCE_QUESTION_EXPERT, device=device),
+                                       torch.zeros(B, 3, dtype=torch.bool, device=device))
+        sums += per_kind(losses, steps)
+        counts += torch.bincount(steps.cpu(), minlength=3).float()
+    model.train()
+    return {f"val_{k}": (sums[i] / counts[i]).item() if counts[i] else None for i, k in enumerate(KINDS)} | \
+        {"val_loss": (sums.sum() / counts.sum()).item() if counts.sum() else None}
+
+
+def save_checkpoint(path, model, opt, rng, step, config):
+    """Everything --resume needs, as safetensors (no pickle), written atomically (temp file + rename)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors = {"param." + names[id(p)]: p.detach() for p in params}
+    for i, p in enumerate(params):
+        for key, value in opt.state.get(p, {}).items():
+            tensors[f"opt.{i}.{key}"] = value.detach() if torch.is_tensor(value) else torch.tensor(value)
+    tensors["rng"] = rng.get_state()
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+    save_file(tensors, path + ".tmp", metadata={"step": str(step), "config": json.dumps(config)})
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, model, opt, rng):
+    """Restore what save_checkpoint wrote; returns the step to continue from."""
+    with safe_open(path, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    named = dict(model.named_parameters())
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for name, p in named.items():
+            if p.requires_grad:
+                p.copy_(tensors["param." + name])
+    for i, p in enumerate(params):
+        state = {k.split(".", 2)[2]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{i}.")}
+        if state:
+            opt.state[p] = state
+    rng.set_state(tensors["rng"])
+    return int(meta["step"])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    amp = device == "cuda"  # bf16 autocast on CUDA, fp32 on CPU
+    os.makedirs(args.out, exist_ok=True)
+    try:
+        chains = data.read_chains(args.data)
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+
+    try:
+        base = Transformer.from_pretrained(args.base, dtype=torch.bfloat16 if amp else torch.float32, device=device)
+        tok = data.load_tokenizer(args.base)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    V = base.args.vocab_size
+    tok = tok.with_special_tokens(mote.marker_tokens(V))
+    train_chains, val_chains = split(chains, args.val_frac, args.seed)
+    train_set, n_long = data.encode_chains(tok, train_chains, V, args.max_len)
+    val_set, n_long_val = data.encode_chains(tok, val_chains, V, args.max_len)
+    with_a = sum(1 for c in chains if c.get("analysis", "").strip())
+    with_g = sum(1 for c in chains if c.get("guidance", "").strip())
+    print(f"data: {len(chains)} chains ({with_a} with analysis, {with_g} with guidance); train {len(train_set)}, "
+          f"val {len(val_set)}; dropped as longer than {args.max_len} tokens: {n_long + n_long_val}")
+    if not train_set:
+        sys.exit("error: no training chains left")
+
+    torch.manual_seed(args.seed)
+    cfg = mote.ExpertConfig(rank=args.rank, lora_alpha=args.lora_alpha, alpha=1.0 if args.no_shared else args.alpha,
+                            routing=args.routing, shared=not args.no_shared)
+    model = mote.attach(base, cfg).train()
+    model.checkpointing = args.checkpointing
+    trainable, total = mote.parameter_counts(model)
+    print(f"experts: {cfg}; trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    rng = torch.Generator().manual_seed(args.seed)  # question experts and step drops
+    steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
+    total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+    ckpt, log_path = os.path.join(args.out, "checkpoint.safetensors"), os.path.join(args.out, "metrics.jsonl")
+    start = 0
+    if args.resume:
+        start = load_checkpoint(ckpt, model, opt, rng)
+        with open(log_path) as f:  # keep the log of the steps the checkpoint holds
+            kept = [line for line in f if json.loads(line).get("step", 0) <= start]
+        open(log_path, "w").writelines(kept)
+        print(f"resumed from {ckpt} at step {start}")
+    elif os.path.exists(log_path):
+        os.remove(log_path)
+    config = vars(args) | {"expert_config": asdict(cfg)}
+    json.dump(config, open(os.path.join(args.out, "train_config.json"), "w"), indent=1)
+
+    pad = tok.eot_id
+    if start == 0 and val_set:  # the losses before any training, for comparison
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"step": 0} | evaluate(model, val_set, pad, V, args.micro_batch, device, amp)) + "\n")
+    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="train", dynamic_ncols=True)
+    for step in bar:
+        t0 = time.time()
+        epoch, k = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed + epoch))
+        chosen = order[k * args.batch_size:(k + 1) * args.batch_size].tolist()
+        lr = lr_at(step, total_steps, args.warmup, args.lr)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        sums, counts, n_tokens = torch.zeros(3, dtype=torch.float64), torch.zeros(3), 0
+        micro_batches = [chosen[i:i + args.micro_batch] for i in range(0, len(chosen), args.micro_batch)]
+        for mb in micro_batches:
+            batch = [t.to(device) for t in data.collate([train_set[i] for i in mb], pad)]
+            B = batch[0].shape[0]
+            qexp = mote.draw_question_experts(B, rng, device)
+            dropped = mote.draw_drops(B, args.skip_p, rng, device)
+            with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+                losses, steps = chain_loss(model, batch, V, qexp, dropped)
+                loss = losses.mean() + args.balance_coef * mote.balance_loss(model).to(losses.device)
+            (loss / len(micro_batches)).backward()
+            sums += per_kind(losses.detach(), steps)
+            counts += torch.bincount(steps.cpu(), minlength=3).float()
+            n_tokens += int(batch[2].sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 3), "lr": lr,
+                  "loss": (sums.sum() / counts.sum()).item(), "grad_norm": grad_norm.item(),
+                  "tokens_per_s": round(n_tokens / (time.time() - t0), 1)}
+        record |= {f"loss_{kind}": (sums[i] / counts[i]).item() if counts[i] else None for i, kind in enumerate(KINDS)}
+        last = step + 1 == total_steps
+        if val_set and ((args.eval_every and (step + 1) % args.eval_every == 0) or last):
+            record |= evaluate(model, val_set, pad, V, args.micro_batch, device, amp)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        bar.set_postfix({k[5:] if k.startswith("loss_") else k: f"{v:.3f}" for k, v in record.items()
+                         if k.startswith("loss_") and v is not None} | {"tok/s": f"{record['tokens_per_s']:.0f}"})
+        if (step + 1) % args.save_every == 0 or last:
+            save_checkpoint(ckpt, model, opt, rng, step + 1, config)
+    mote.save_adapters(model, os.path.join(args.out, "adapters.safetensors"))
+    final = json.loads(open(log_path).read().splitlines()[-1]) if os.path.exists(log_path) else {}
+    print("final:", {k: round(v, 4) for k, v in final.items() if k.startswith(("loss", "val_")) and v is not None})
+    print(f"wrote {args.out}/adapters.safetensors, checkpoint.safetensors, metrics.jsonl")
+
+
+if __name__ == "__main__":
+    main()
