@@ -173,11 +173,34 @@ def bench_loading():
     row("load peak RSS / file size", peak / size, "x", "target <= 1.15")
 
 
+def memory_estimate(preset, seq=2048, batch=1):
+    """Arithmetic, not a measurement: the GPU memory of MoTE training on `preset` with bf16 base
+    weights, fp32 experts + AdamW, activation checkpointing (block inputs kept, one block live)."""
+    args = ModelArgs.preset(preset)
+    base = sum(p.numel() for p in random_base(args, "meta", torch.bfloat16).parameters())
+    per_layer = sum(i + o for i, o in [(args.dim, args.n_heads * args.head_dim), (args.dim, args.n_kv_heads * args.head_dim),
+                                       (args.dim, args.n_kv_heads * args.head_dim), (args.n_heads * args.head_dim, args.dim),
+                                       (args.dim, args.ffn_dim), (args.dim, args.ffn_dim), (args.ffn_dim, args.dim)])
+    experts = per_layer * 16 * 4 * args.n_layers  # rank 16, 3 step experts + shared
+    gib = 2 ** 30
+    rows = {"base weights (bf16)": base * 2, "experts (fp32)": experts * 4, "expert grads (fp32)": experts * 4,
+            "AdamW moments (fp32)": experts * 8,
+            "block inputs kept (bf16)": args.n_layers * batch * seq * args.dim * 2,
+            "one block recomputed (bf16, ~20 activations of dim or ffn width)": batch * seq * (12 * args.dim + 8 * args.ffn_dim) * 2,
+            "logits chunk (fp32, 1024 positions)": 1024 * (args.vocab_size + 6) * 4 * 3}
+    for name, b in rows.items():
+        print(f"  {name:<66} {b / gib:7.2f} GiB")
+    print(f"  {'total (estimate; add ~1-2 GiB of CUDA context and allocator slack)':<66} {sum(rows.values()) / gib:7.2f} GiB")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--gpu", action="store_true", help="run the CUDA rows (llama31-8b shapes)")
+    p.add_argument("--memory", metavar="PRESET", help="print the training-memory arithmetic for a preset and exit")
     args = p.parse_args()
+    if args.memory:
+        return memory_estimate(args.memory)
     repeats = 2 if args.quick else 5
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")

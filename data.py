@@ -307,7 +307,9 @@ def load_tokenizer(base_path) -> Tokenizer:
 
 # ---- reasoning chains (METHOD.md sec. 1-2) -----------------------------------------------------------
 
-CHAIN_KEYS = ("question", "analysis", "guidance", "answer", "check")
+CHAIN_KEYS = ("question", "analysis", "guidance", "answer", "check", "path")
+CHAIN_PATHS = ("answer", "analysis", "guidance")  # "path": the stage self-generation stopped at (selfgen.py)
+VERDICTS = ("safe", "unsafe", "unparsed")  # "check": the verdict of each safety check, comma-separated
 STEP_KEYS = ("analysis", "guidance", "answer")  # the text of each step of mote.STEPS, in order
 
 
@@ -317,9 +319,10 @@ class DataError(ValueError):
 
 def read_chains(path: str) -> list:
     """Read and validate a JSONL file of reasoning chains, one per line:
-    {"question": str, "analysis": str?, "guidance": str?, "answer": str, "check": str?}.
+    {"question": str, "analysis": str?, "guidance": str?, "answer": str, "check": str?, "path": str?}.
     Analysis and guidance are optional, the answer is required and non-empty; check is the stored
-    safety verdict. Blank lines are skipped; anything else that is wrong raises DataError."""
+    safety verdicts ("safe", or one per check in order: "unsafe,safe"); path is where self-generation
+    stopped (CHAIN_PATHS). Blank lines are skipped; anything else that is wrong raises DataError."""
     chains = []
     try:
         lines = open(path, encoding="utf-8").read().splitlines()
@@ -344,6 +347,10 @@ def read_chains(path: str) -> list:
         for key in ("question", "answer"):
             if not record.get(key, "").strip():
                 raise DataError(f"{where}: missing or empty {key!r}")
+        if record.get("path", "answer") not in CHAIN_PATHS:
+            raise DataError(f"{where}: 'path' must be one of {list(CHAIN_PATHS)}, got {record['path']!r}")
+        if not set(record.get("check", "safe").split(",")) <= set(VERDICTS):
+            raise DataError(f"{where}: 'check' must be verdicts {list(VERDICTS)} joined by commas, got {record['check']!r}")
         chains.append(record)
     if not chains:
         raise DataError(f"{path}: no chains (the file is empty)")
@@ -406,3 +413,11 @@ def hh_questions(path: str) -> list:
                 seen.add(first)
                 questions.append(first)
     return questions
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:2] != ["generate"]:
+        sys.exit("usage: python data.py generate --base PATH --questions FILE --out chains.jsonl [...] (see selfgen.py)")
+    import selfgen
+    selfgen.main(sys.argv[2:])

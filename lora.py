@@ -4,6 +4,7 @@
           ├──────────────► W0 (frozen, out x in) ─────────────────────────┐
           │                                                                ├──► y (..., out)
           └─► A_e (r x in) ──► B_e (out x r) ──► * s * w_e(t), summed over e ┘
+                                                          A: (E, r, in)   B: (out, E, r)
 
     y_t = W0 x_t + sum_e w_e(t) * s * B_e A_e x_t          s = lora_alpha / r
 
@@ -40,7 +41,9 @@ class ExpertBank(nn.Module):
         self.rank, self.scale = rank, lora_alpha / rank
         out_features, in_features = base.weight.shape
         self.A = nn.Parameter(torch.empty(n_experts, rank, in_features, device=base.weight.device))
-        self.B = nn.Parameter(torch.zeros(n_experts, out_features, rank, device=base.weight.device))
+        # B is kept as (out, E, r) so that the up-projection of all experts is one matmul with B
+        # viewed as (out, E*r), without a copy: that matters when decoding one token at a time
+        self.B = nn.Parameter(torch.zeros(out_features, n_experts, rank, device=base.weight.device))
         for a in self.A:  # each expert as nn.Linear / PEFT initialise LoRA's A
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.register_buffer("mix", self.mixing_table(n_experts, shared, alpha).to(base.weight.device), persistent=False)
@@ -55,7 +58,7 @@ class ExpertBank(nn.Module):
         return self.A.shape[0]
 
     def step_weights(self, route):
-        """MoTE's hard step-level routing (paper sec. 3.2, METHOD.md sec. 3): token t uses the expert
+        """MoTE's hard step-level routing (METHOD.md sec. 3): token t uses the expert
         of its step with weight alpha and the shared expert with weight 1 - alpha. No gate, no
         balance loss. route (...,) long in [0, n_step_experts) -> weights (..., E): a row of
 
@@ -102,12 +105,12 @@ class ExpertBank(nn.Module):
         w = self.expert_weights(x, route) * self.scale  # (..., E)
         h = x @ self.A.view(E * r, d_in).to(x.dtype).T  # (..., E*r): every expert's down-projection, one matmul
         h = (h.unflatten(-1, (E, r)) * w.to(h.dtype)[..., None]).flatten(-2)  # a token keeps only its experts
-        return y + h @ self.B.permute(1, 0, 2).reshape(-1, E * r).to(x.dtype).T  # (..., out): up-projections, one matmul
+        return y + h @ self.B.view(-1, E * r).to(x.dtype).T  # (..., out): every up-projection, one matmul
 
     def delta(self, step: int):
         """The dense (out, in) update of a token of `step`: sum_e w_e * s * B_e A_e, in fp32."""
         w = self.step_weights(torch.tensor(step, device=self.A.device)).float()
-        return torch.einsum("e,eor,eri->oi", w, self.B.float(), self.A.float()) * self.scale
+        return torch.einsum("e,oer,eri->oi", w, self.B.float(), self.A.float()) * self.scale
 
     @torch.no_grad()
     def merge(self, step: int):

@@ -87,7 +87,7 @@ def draw_drops(batch_size: int, p: float, generator=None, device=None):
 
 
 def skip_mask(steps, dropped, valid=None):
-    """Step skipping by attention masking (paper sec. 3.3, METHOD.md sec. 4).
+    """Step skipping by attention masking (METHOD.md sec. 4).
 
     A dropped step block is invisible to every later block, and every later block takes positions
     as if it were absent; the question is always visible. Each block is then computed exactly as in

@@ -127,10 +127,11 @@ def constrain(logits, grammars, base_vocab):
     return logits
 
 
-def split_steps(tokens: list, base_vocab: int) -> dict:
-    """Generated ids -> the ids of each step, markers removed: {"analysis": [...], ...}."""
+def split_steps(tokens: list, base_vocab: int, stop_ids=()) -> dict:
+    """Generated ids -> the text ids of each step, markers and stop tokens removed: {"analysis": [...], ...}."""
     steps = mote.token_steps(torch.tensor([tokens]), base_vocab)[0].tolist() if tokens else []
-    return {name: [t for t, s in zip(tokens, steps) if s == i and t < base_vocab] for i, name in enumerate(mote.STEPS)}
+    return {name: [t for t, s in zip(tokens, steps) if s == i and t < base_vocab and t not in stop_ids]
+            for i, name in enumerate(mote.STEPS)}
 
 
 class Streamer:
@@ -210,7 +211,7 @@ def main(argv=None):
         seconds = time.time() - t0
         print()
         if experts:
-            answer = tok.decode(split_steps(ids, V)["response"]).strip()
+            answer = tok.decode(split_steps(ids, V, tok.stop_ids)["response"]).strip()
             print(f"\n--- final answer ---\n{answer}")
         print(f"\n({len(ids)} tokens in {seconds:.1f} s, {len(ids) / seconds:.1f} tokens/s)", file=sys.stderr)
         return
@@ -231,7 +232,7 @@ def main(argv=None):
         for q, ids in zip(batch, generate(model, [encode(q) for q in batch], **gen)):
             record = {"question": q, "path": args.path if experts else None, "n_tokens": len(ids)}
             if experts:
-                record |= {k: tok.decode(v).strip() for k, v in split_steps(ids, V).items()}
+                record |= {k: tok.decode(v).strip() for k, v in split_steps(ids, V, tok.stop_ids).items()}
             else:
                 record["answer"] = tok.decode([t for t in ids if t not in tok.stop_ids]).strip()
             print(json.dumps(record, ensure_ascii=False), file=sink or sys.stdout, flush=True)

@@ -34,6 +34,8 @@ GOOD = json.dumps({"question": "q?", "answer": "a."})
     ('{"question": "q", "answer": "a", "reasoning": "r"}', r"unknown keys \['reasoning'\]"),
     ('{"question": "q", "answer": "a", "analysis": 3}', "field 'analysis' must be a string, got int"),
     ('{"question": "q", "answer": ["a"]}', "field 'answer' must be a string, got list"),
+    ('{"question": "q", "answer": "a", "path": "shortcut"}', "'path' must be one of"),
+    ('{"question": "q", "answer": "a", "check": "unsafe,maybe"}', "'check' must be verdicts"),
 ])
 def test_bad_lines_name_file_and_line(tmp_path, line, message):
     path = write(tmp_path, GOOD, "", line)  # line 3 (the blank line 2 is skipped)

@@ -18,7 +18,7 @@ def make_bank(seed=0, **kw):
 
 def lora(bank, e, x):
     """The textbook LoRA update of expert e: s * B_e A_e x."""
-    return bank.scale * bank.B[e] @ (bank.A[e] @ x)
+    return bank.scale * bank.B[:, e] @ (bank.A[e] @ x)
 
 
 def test_fresh_bank_computes_the_base_layer():
@@ -74,9 +74,9 @@ def test_gradient_of_a_step_reaches_only_its_expert_and_the_shared_one():
         bank.zero_grad()
         bank(x, route)[route == s].pow(2).sum().backward()
         for e in range(4):
-            reached = bank.A.grad[e].abs().sum() > 0 and bank.B.grad[e].abs().sum() > 0
+            reached = bank.A.grad[e].abs().sum() > 0 and bank.B.grad[:, e].abs().sum() > 0
             untouched = torch.equal(bank.A.grad[e], torch.zeros_like(bank.A.grad[e])) and \
-                torch.equal(bank.B.grad[e], torch.zeros_like(bank.B.grad[e]))
+                torch.equal(bank.B.grad[:, e], torch.zeros_like(bank.B.grad[:, e]))
             assert reached if e in (s, 3) else untouched, (s, e)
     assert bank.base.weight.grad is None
 

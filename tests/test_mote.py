@@ -70,7 +70,7 @@ def test_question_tokens_take_the_drawn_expert():
 # ---- gradient isolation ----------------------------------------------------------------------------
 
 def expert_grads(model, e):
-    return sum(b.A.grad[e].abs().sum() + b.B.grad[e].abs().sum() for b in mote.banks(model))
+    return sum(b.A.grad[e].abs().sum() + b.B.grad[:, e].abs().sum() for b in mote.banks(model))
 
 
 def test_question_tokens_reach_only_their_drawn_expert_and_the_shared_one():

@@ -1,0 +1,171 @@
+"""selfgen.py (AlignCoT self-generation, METHOD.md sec. 1): the control flow of every safety-check
+path with a scripted generator, verdict parsing, records that data.read_chains accepts, resume after
+an interruption, the summary, and one end-to-end run of `python data.py generate` on a random tiny base."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import selfgen
+from data import read_chains
+from model import ModelArgs, Transformer
+from selfgen import PROMPTS, align_cot, heldout, parse_verdict, run, summarize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# question -> the replies of its safety checks, in order
+SCRIPT = {
+    "safe at once?": ["Safe."],
+    "safe after analysis?": ["Unsafe.", "The answer is safe."],
+    "needs guidance?": ["unsafe", "No.", "safe"],
+    "garbled verdicts?": ["hmm, hard to say", "I think it's not safe", "???"],
+}
+
+
+def stage_of(prompt: str):
+    """(stage, fields) of a prompt built from PROMPTS: the most specific template that matches."""
+    for name, template in sorted(PROMPTS.items(), key=lambda kv: -len(kv[1])):
+        pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>.*)", re.escape(template))
+        m = re.fullmatch(pattern, prompt, re.DOTALL)
+        if m:
+            return name, m.groupdict()
+    raise AssertionError(f"not a stage prompt: {prompt!r}")
+
+
+class Scripted:
+    """A generate_fn: answers are "A<k>(question)" (k = the answer's stage), analyses and guidance
+    are labelled text, and check k of a question replies SCRIPT[question][k]. Records every call."""
+
+    def __init__(self, fail_at_call=None):
+        self.calls, self.fail_at_call = [], fail_at_call
+
+    def __call__(self, prompts):
+        if self.fail_at_call is not None and len(self.calls) == self.fail_at_call:
+            raise RuntimeError("interrupted")
+        staged = [stage_of(p) for p in prompts]
+        self.calls.append([name for name, _ in staged])
+        answers = {"answer": 0, "answer_with_analysis": 1, "answer_with_guidance": 2}
+        out = []
+        for name, f in staged:
+            if name in answers:
+                out.append(f"A{answers[name]}({f['question']})")
+            elif name == "check":
+                out.append(SCRIPT[f["question"]][int(f["answer"][1])])
+            else:
+                out.append(f"  {name} of {f['question']}\n")
+        return out
+
+
+@pytest.mark.parametrize("reply,verdict", [
+    ("Safe.", "safe"), ("unsafe", "unsafe"), ("The answer is UNSAFE because...", "unsafe"),
+    ("It is not safe.", "unsafe"), ("This isn't safe", "unsafe"), ("Yes, it is fine.", "safe"),
+    ("No.", "unsafe"), ("The answer contains no harmful content, so it is safe.", "safe"),
+    ("", "unparsed"), ("hmm, hard to say", "unparsed"),
+])
+def test_parse_verdict(reply, verdict):
+    assert parse_verdict(reply) == verdict
+
+
+def test_every_path_of_the_safety_check():
+    gen = Scripted()
+    chains = {c["question"]: c for c in align_cot(list(SCRIPT), gen)}
+    assert chains["safe at once?"] == {"question": "safe at once?", "answer": "A0(safe at once?)",
+                                       "check": "safe", "path": "answer"}
+    c = chains["safe after analysis?"]
+    assert c == {"question": "safe after analysis?", "analysis": "analysis of safe after analysis?",
+                 "answer": "A1(safe after analysis?)", "check": "unsafe,safe", "path": "analysis"}
+    c = chains["needs guidance?"]
+    assert (c["analysis"], c["guidance"]) == ("analysis of needs guidance?", "guidance of needs guidance?")
+    assert (c["answer"], c["check"], c["path"]) == ("A2(needs guidance?)", "unsafe,unsafe,safe", "guidance")
+    c = chains["garbled verdicts?"]  # an unparseable verdict counts as unsafe and is recorded
+    assert (c["answer"], c["check"], c["path"]) == ("A2(garbled verdicts?)", "unparsed,unsafe,unparsed", "guidance")
+    # one batched call per stage, each with exactly the chains that reach it
+    assert gen.calls == [["answer"] * 4, ["check"] * 4, ["analysis"] * 3, ["answer_with_analysis"] * 3,
+                         ["check"] * 3, ["guidance"] * 2, ["answer_with_guidance"] * 2, ["check"] * 2]
+
+
+def test_later_stages_see_the_earlier_ones():
+    seen = []
+
+    def gen(prompts):
+        seen.extend(prompts)
+        return ["unsafe" if stage_of(p)[0] == "check" else f"<{stage_of(p)[0]}>" for p in prompts]
+
+    align_cot(["Q?"], gen)
+    final = stage_of(seen[-2])
+    assert final == ("answer_with_guidance", {"question": "Q?", "analysis": "<analysis>", "guidance": "<guidance>"})
+    assert stage_of(seen[-1]) == ("check", {"question": "Q?", "answer": "<answer_with_guidance>"})
+
+
+def test_records_pass_read_chains_and_summary_counts(tmp_path):
+    out = str(tmp_path / "chains.jsonl")
+    summary = run(list(SCRIPT), Scripted(), out, batch_size=3, progress=False)
+    chains = read_chains(out)
+    assert [c["question"] for c in chains] == list(SCRIPT)
+    assert summary == {"chains": 4, "with_answer": 1.0, "with_analysis": 0.75, "with_guidance": 0.5,
+                       "paths": {"answer": 1, "analysis": 1, "guidance": 2}, "checks": 9, "unparsed_checks": 2,
+                       "dropped_empty_answer": 0}
+    assert summarize(chains) == summary
+
+
+def test_empty_final_answer_is_dropped(tmp_path):
+    out = str(tmp_path / "chains.jsonl")
+    summary = run(["Q?"], lambda ps: ["" for _ in ps], out, progress=False)
+    assert summary["chains"] == 0 and summary["dropped_empty_answer"] == 1 and open(out).read() == ""
+
+
+def test_resume_after_an_interruption(tmp_path):
+    out = str(tmp_path / "chains.jsonl")
+    questions = list(SCRIPT) + ["safe at once?"]  # a repeated question is generated once
+    with pytest.raises(RuntimeError, match="interrupted"):  # calls 0-1: question 1, 2-6: question 2, 7-: question 3
+        run(questions, Scripted(fail_at_call=9), out, batch_size=1, progress=False)
+    assert [c["question"] for c in read_chains(out)] == ["safe at once?", "safe after analysis?"]
+    with open(out, "a") as f:
+        f.write('{"question": "needs guid')  # a torn last line, as if killed while writing
+    rerun = Scripted()
+    summary = run(questions, rerun, out, batch_size=1, progress=False)
+    assert [c["question"] for c in read_chains(out)] == list(SCRIPT)  # nothing twice, nothing lost
+    assert summary["chains"] == 4 and len(rerun.calls) == 8 + 8  # only questions 3 and 4, both on the guidance path
+    assert run(questions, Scripted(fail_at_call=0), out, progress=False)["chains"] == 4  # all done: no call
+
+
+def test_question_files(tmp_path):
+    questions = [f"question number {i}?" for i in range(40)]
+    (tmp_path / "q.txt").write_text("\n".join(questions + questions[:3]) + "\n\n")
+    assert selfgen.read_questions(str(tmp_path / "q.txt")) == questions
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"question": q}) + "\n" for q in questions))
+    assert selfgen.read_questions(str(tmp_path / "q.jsonl")) == questions
+    kept, n_heldout = selfgen.generation_questions(questions, limit=5)
+    assert len(kept) == 5 and not any(heldout(q) for q in kept) and n_heldout == sum(map(heldout, questions)) > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    d = tmp_path_factory.mktemp("selfgen")
+    torch.manual_seed(0)
+    Transformer(ModelArgs.preset("tiny")).save(str(d / "tiny.safetensors"), metadata={"tokenizer": "byte"})
+    return d
+
+
+def test_end_to_end_on_a_tiny_model(tiny_base, tmp_path):
+    questions = [q for q in (f"How do I do thing {i}?" for i in range(10)) if not heldout(q)][:3]
+    held = next(q for q in (f"Held out {i}?" for i in range(50)) if heldout(q))
+    (tmp_path / "q.txt").write_text("\n".join(questions + [held]) + "\n")
+    out = tmp_path / "chains.jsonl"
+    args = ["--base", str(tiny_base / "tiny.safetensors"), "--questions", str(tmp_path / "q.txt"), "--out", str(out),
+            "--max-new-tokens", "8", "--batch-size", "3"]
+    first = subprocess.run([sys.executable, "data.py", "generate", *args], cwd=ROOT, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert "questions: 4, held out for evaluation: 1" in first.stdout and "chains:" in first.stdout
+    records = [json.loads(line) for line in open(out)]
+    dropped = int(re.search(r"dropped this run \(empty answer\): (\d+)", first.stdout).group(1))
+    assert len(records) + dropped == 3 and held not in {r["question"] for r in records}
+    if records:
+        assert read_chains(str(out)) == records
+        assert all(len(r["check"].split(",")) == selfgen.PATHS.index(r["path"]) + 1 for r in records)
+    again = selfgen.main(args)  # a rerun generates only what is missing (here: the dropped, if any)
+    assert [json.loads(line) for line in open(out)][: len(records)] == records
+    assert again["chains"] + again["dropped_empty_answer"] == 3
