@@ -195,9 +195,10 @@ def chat_family(special_tokens) -> str:
 
 
 def byte_tokenizer() -> Tokenizer:
-    """256 byte tokens (id = byte) and 5 specials at 256..260, no merges: the tiny preset's
-    vocabulary (ModelArgs.vocab_size 264 leaves room). Needs no file."""
-    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|user|>", "<|assistant|>", "<|eot|>"]
+    """256 byte tokens (id = byte) and 8 specials at 256..263, no merges: the tiny preset's
+    vocabulary (ModelArgs.vocab_size 264). Needs no file."""
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|user|>", "<|assistant|>", "<|eot|>",
+             "<|reserved_0|>", "<|reserved_1|>", "<|reserved_2|>"]
     enc = tiktoken.Encoding("byte", pat_str=LLAMA3_PATTERN, mergeable_ranks={bytes([b]): b for b in range(256)},
                             special_tokens={n: 256 + i for i, n in enumerate(names)})
     return _with_template(enc, "byte")

@@ -249,13 +249,14 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim, _weight=torch.empty(args.vocab_size, args.dim))
+        if not self.embed_tokens.weight.is_meta:  # on the meta device (from_pretrained) normal_ would cost
+            nn.init.normal_(self.embed_tokens.weight)  # ~1.3 s of imports and initialise nothing
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("rope_freqs", rope_frequencies(args), persistent=False)
         self.checkpointing = False  # recompute each block in the backward pass (activation checkpointing)
 
     def hidden(self, tokens, positions=None, mask=None, cache=None, route=None):
@@ -273,7 +274,7 @@ class Transformer(nn.Module):
         if mask is not None and mask.dim() == 2:
             mask = mask.expand(B, -1, -1)
         x = self.embed_tokens(tokens)  # (B, T, dim)
-        cos, sin = rope_cos_sin(self.rope_freqs, positions, x.dtype)
+        cos, sin = rope_cos_sin(rope_frequencies(self.args, tokens.device), positions, x.dtype)  # fp32, never cast
         for layer in self.layers:
             if self.checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, route, use_reentrant=False)
@@ -316,7 +317,6 @@ class Transformer(nn.Module):
         model.load_state_dict(state, strict=True, assign=True)
         if args.tie_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
-        model.rope_freqs = rope_frequencies(args, device=device)
         return model.requires_grad_(False).eval()
 
     def save(self, path: str, metadata: dict | None = None):

@@ -191,7 +191,8 @@ def main(argv=None):
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--merge", action="store_true", help="fold the active experts into the weights (one prompt)")
+    p.add_argument("--no-merge", action="store_true",
+                   help="with one --prompt, keep the experts routed instead of folding the active ones into W0 at each step")
     args = p.parse_args(argv)
     if not (args.prompt or args.prompts):
         p.error("give --prompt or --prompts")
@@ -207,7 +208,7 @@ def main(argv=None):
         streamer = Streamer(tok, V, experts)
         print(args.prompt if args.raw else f"> {args.prompt}", end="" if args.raw else "\n", flush=True)
         t0 = time.time()
-        ids = generate(model, [encode(args.prompt)], merge=args.merge, on_token=streamer, **gen)[0]
+        ids = generate(model, [encode(args.prompt)], merge=not args.no_merge, on_token=streamer, **gen)[0]
         seconds = time.time() - t0
         print()
         if experts:

@@ -1,0 +1,91 @@
+"""The ablation experiment (the paper's Table 4, replayed small and offline) on SmolLM2-135M-Instruct.
+
+    python experiment.py                       # runs what is missing under runs/exp, prints the table
+    python experiment.py --steps 10 --limit 16 --generate 40
+
+Same data, same step budget, every variant: MoTE, single LoRA, token-gated MoE, MoTE without the
+shared expert, MoTE without step skipping; on (a) the hand-written demo chains and (b) chains the
+base wrote itself from HH-RLHF questions (python data.py generate). Then each is evaluated by
+evaluate.py (greedy, offline refusal-phrase judge) on StrongREJECT, held-out HH-RLHF and benign-edgy
+prompts, with the auto path, and MoTE also with each forced path. Every command is printed before it
+runs; a step whose output exists is skipped, so an interrupted run continues. The table is built
+only from the files those commands write (metrics.jsonl, summary.json).
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+BASE = "smollm2-135m-instruct.safetensors"
+HH = os.path.join("..", "shared", "data", "hh-rlhf", "harmless-base-test.jsonl.gz")
+VARIANTS = {"MoTE": [], "single LoRA": ["--routing", "single"], "token-gated MoE": ["--routing", "token"],
+            "MoTE, no shared expert": ["--no-shared"], "MoTE, no step skipping": ["--skip-p", "0"]}
+
+
+def run(cmd, done):
+    """Run cmd (printed first) unless the file `done` exists already."""
+    print("$ " + " ".join(cmd), flush=True)
+    if os.path.exists(done):
+        print(f"  (skipped: {done} exists)")
+        return
+    subprocess.run([sys.executable] + cmd[1:], check=True)
+
+
+def slug(name):
+    return name.lower().replace(", ", "-").replace(" ", "-")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/exp")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per variant (batch 8)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--generate", type=int, default=40, help="questions to self-generate chains for")
+    p.add_argument("--limit", type=int, default=16, help="prompts per evaluation set")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    args = p.parse_args()
+    if not os.path.exists(BASE):
+        run(["python", "convert.py", "smollm2"], BASE)
+    selfgen = os.path.join(args.out, "selfgen.jsonl")
+    os.makedirs(args.out, exist_ok=True)
+    run(["python", "data.py", "generate", "--base", BASE, "--questions", HH, "--out", selfgen,
+         "--limit", str(args.generate), "--max-new-tokens", "96"], selfgen)
+    evaluation = ["--sets", "strongreject,hh,benign", "--limit", str(args.limit), "--max-new-tokens", str(args.max_new_tokens)]
+    rows = []
+    out = os.path.join(args.out, "eval-base")
+    run(["python", "evaluate.py", "--base", BASE, *evaluation, "--out", out], os.path.join(out, "summary.json"))
+    rows.append(("-", "base alone", "-", out, None))
+    for data_name, data_file in (("demo", "data/demo_chains.jsonl"), ("self-generated", selfgen)):
+        for name, flags in VARIANTS.items():
+            run_dir = os.path.join(args.out, f"{slug(data_name)}-{slug(name)}")
+            run(["python", "train.py", "--base", BASE, "--data", data_file, "--out", run_dir, "--max-steps",
+                 str(args.steps), "--batch-size", "8", "--lr", str(args.lr), "--val-frac", "0.15", *flags],
+                os.path.join(run_dir, "adapters.safetensors"))
+            for path in (["auto", "answer", "analysis", "full"] if name == "MoTE" else ["auto"]):
+                out = os.path.join(run_dir, f"eval-{path}")
+                run(["python", "evaluate.py", "--adapters", run_dir, "--path", path, *evaluation, "--out", out],
+                    os.path.join(out, "summary.json"))
+                rows.append((data_name, name, path, out, run_dir))
+    print_table(rows)
+
+
+def print_table(rows):
+    print("\n| data | variant | path | val loss analysis / guidance / response | harmful refusal "
+          "(StrongREJECT, HH) | benign compliance | tokens per answer |")
+    print("|---|---|---|---|---|---|---|")
+    for data_name, name, path, eval_dir, run_dir in rows:
+        s = json.load(open(os.path.join(eval_dir, "summary.json")))
+        losses = "-"
+        if run_dir:
+            last = json.loads(open(os.path.join(run_dir, "metrics.jsonl")).read().splitlines()[-1])
+            losses = " / ".join(f"{last[k]:.2f}" if last.get(k) is not None else "-"
+                                for k in ("val_analysis", "val_guidance", "val_response"))
+        sets = s["sets"]
+        print(f"| {data_name} | {name} | {path} | {losses} | {sets['strongreject']['refusal_rate']:.2f}, "
+              f"{sets['hh']['refusal_rate']:.2f} | {sets['benign']['compliance_rate']:.2f} | "
+              f"{s['overall']['mean_tokens']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
