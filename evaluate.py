@@ -179,6 +179,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-step-tokens", type=int, default=0, help="with adapters: close a step after this many tokens")
     args = p.parse_args(argv)
     names = args.sets.split(",")
     if not names or any(n not in SETS for n in names):
@@ -190,7 +191,8 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = sample.load(args.base, args.adapters, device)
     experts, V = args.adapters is not None, model.args.vocab_size
-    gen = dict(max_new_tokens=args.max_new_tokens, experts=experts, path=args.path, temperature=0.0)
+    gen = dict(max_new_tokens=args.max_new_tokens, experts=experts, path=args.path, temperature=0.0,
+               max_step_tokens=args.max_step_tokens)
     os.makedirs(args.out, exist_ok=True)
     records = []
     with open(os.path.join(args.out, "completions.jsonl"), "w", encoding="utf-8") as f, \
@@ -201,7 +203,7 @@ def main(argv=None):
                 records.append({"set": name, "label": SETS[name], "prompt": q} | score(tok, ids, V, experts))
                 f.write(json.dumps(records[-1], ensure_ascii=False) + "\n")
     summary = {"base": args.base, "adapters": args.adapters, "path": args.path if experts else None,
-               "max_new_tokens": args.max_new_tokens, "decoding": "greedy",
+               "max_new_tokens": args.max_new_tokens, "max_step_tokens": args.max_step_tokens, "decoding": "greedy",
                "judge": "offline refusal-phrase rule on the response part (evaluate.is_refusal); a proxy, "
                         "not the paper's GPT-4 judge"} | summarize(records, experts)
     with open(os.path.join(args.out, "summary.json"), "w") as f:

@@ -1,7 +1,7 @@
 """The ablation experiment (the paper's Table 4, replayed small and offline) on SmolLM2-135M-Instruct.
 
     python experiment.py                       # runs what is missing under runs/exp, prints the table
-    python experiment.py --steps 10 --limit 16 --generate 40
+    python experiment.py --steps 10 --limit 12 --generate 40 --max-step-tokens 64
 
 Same data, same step budget, every variant: MoTE, single LoRA, token-gated MoE, MoTE without the
 shared expert, MoTE without step skipping; on (a) the hand-written demo chains and (b) chains the
@@ -42,8 +42,8 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per variant (batch 8)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--generate", type=int, default=40, help="questions to self-generate chains for")
-    p.add_argument("--limit", type=int, default=16, help="prompts per evaluation set")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--limit", type=int, default=12, help="prompts per evaluation set")
+    p.add_argument("--max-step-tokens", type=int, default=64, help="a step is closed after this many tokens")
     args = p.parse_args()
     if not os.path.exists(BASE):
         run(["python", "convert.py", "smollm2"], BASE)
@@ -51,7 +51,9 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     run(["python", "data.py", "generate", "--base", BASE, "--questions", HH, "--out", selfgen,
          "--limit", str(args.generate), "--max-new-tokens", "96"], selfgen)
-    evaluation = ["--sets", "strongreject,hh,benign", "--limit", str(args.limit), "--max-new-tokens", str(args.max_new_tokens)]
+    budget = 3 * args.max_step_tokens + 6  # room for the full chain: three steps and six markers
+    evaluation = ["--sets", "strongreject,hh,benign", "--limit", str(args.limit), "--max-new-tokens", str(budget),
+                  "--max-step-tokens", str(args.max_step_tokens)]
     rows = []
     out = os.path.join(args.out, "eval-base")
     run(["python", "evaluate.py", "--base", BASE, *evaluation, "--out", out], os.path.join(out, "summary.json"))
@@ -62,7 +64,7 @@ def main():
             run(["python", "train.py", "--base", BASE, "--data", data_file, "--out", run_dir, "--max-steps",
                  str(args.steps), "--batch-size", "8", "--lr", str(args.lr), "--val-frac", "0.15", *flags],
                 os.path.join(run_dir, "adapters.safetensors"))
-            for path in (["auto", "answer", "analysis", "full"] if name == "MoTE" else ["auto"]):
+            for path in (["auto", "answer", "full"] if name == "MoTE" else ["auto"]):
                 out = os.path.join(run_dir, f"eval-{path}")
                 run(["python", "evaluate.py", "--adapters", run_dir, "--path", path, *evaluation, "--out", out],
                     os.path.join(out, "summary.json"))

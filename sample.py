@@ -37,19 +37,22 @@ def pick(logits, temperature: float, top_p: float, generator=None):
     return idx.gather(-1, choice)[:, 0]
 
 
-def step_grammar(generated: list, path, base_vocab: int):
+def step_grammar(generated: list, path, base_vocab: int, max_step_tokens: int = 0):
     """Which markers may come next in a row, and whether plain text may (the chain's grammar):
-    first a start marker; inside step s, text or s's end marker; after an end marker, the start
-    marker of a later step (auto: any later one, a forced path: its next one). -> (markers, text_ok),
-    or None when the response has ended."""
-    markers = [t for t in generated if t >= base_vocab]
+    first a start marker; inside step s, text or s's end marker (only the end marker once the step
+    has max_step_tokens tokens, if that is set); after an end marker, the start marker of a later
+    step (auto: any later one, a forced path: its next one). -> (markers, text_ok), or None when
+    the response has ended."""
+    marker_at = [i for i, t in enumerate(generated) if t >= base_vocab]
     order = PATHS[path] or (0, 1, 2)
-    if not markers:
+    if not marker_at:
         return ([mote.start_marker(base_vocab, s) for s in order] if path == "auto" else
                 [mote.start_marker(base_vocab, order[0])]), False
-    step, is_start = (markers[-1] - base_vocab) // 2, (markers[-1] - base_vocab) % 2 == 0
+    last = generated[marker_at[-1]]
+    step, is_start = (last - base_vocab) // 2, (last - base_vocab) % 2 == 0
     if is_start:
-        return [mote.end_marker(base_vocab, step)], True
+        full = max_step_tokens and len(generated) - 1 - marker_at[-1] >= max_step_tokens
+        return [mote.end_marker(base_vocab, step)], not full
     later = [s for s in order if s > step]
     if step == 2 or not later:
         return None
@@ -59,7 +62,7 @@ def step_grammar(generated: list, path, base_vocab: int):
 
 @torch.no_grad()
 def generate(model, prompts: list, stop_ids, max_new_tokens=256, experts=False, path="auto",
-             temperature=0.0, top_p=1.0, seed=0, merge=False, on_token=None):
+             temperature=0.0, top_p=1.0, seed=0, merge=False, on_token=None, max_step_tokens=0):
     """Batched decoding with a KV cache. prompts: lists of ids -> lists of generated ids.
 
     Prompts are left-padded; padding is masked out of attention and positions start at each
@@ -94,7 +97,7 @@ def generate(model, prompts: list, stop_ids, max_new_tokens=256, experts=False, 
     out, done = [[] for _ in range(B)], [False] * B
     for t in range(max_new_tokens):
         if experts:
-            logits = constrain(logits, [step_grammar(o, path, V) for o in out], V)
+            logits = constrain(logits, [step_grammar(o, path, V, max_step_tokens) for o in out], V, stop_ids)
         nxt = pick(logits, temperature, top_p, generator)
         for i in range(B):
             if not done[i]:
@@ -113,14 +116,16 @@ def generate(model, prompts: list, stop_ids, max_new_tokens=256, experts=False, 
     return out
 
 
-def constrain(logits, grammars, base_vocab):
-    """Set to -inf the logits of tokens the step grammar forbids in each row (B, V + 6)."""
+def constrain(logits, grammars, base_vocab, stop_ids):
+    """Set to -inf the logits of tokens the step grammar forbids in each row (B, V + 6). A chain
+    ends with <|/response|>, so a stop token (end of turn) is never allowed inside it."""
     for i, grammar in enumerate(grammars):
         if grammar is None:
             continue
         allowed, text_ok = grammar
         keep = logits[i, allowed].clone()
         logits[i, base_vocab:] = float("-inf")
+        logits[i, stop_ids] = float("-inf")
         if not text_ok:
             logits[i, :base_vocab] = float("-inf")
         logits[i, allowed] = keep
@@ -187,6 +192,7 @@ def main(argv=None):
     p.add_argument("--path", choices=list(PATHS), default="auto", help="which steps the experts take")
     p.add_argument("--raw", action="store_true", help="continue the prompt as plain text, without the chat template")
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-step-tokens", type=int, default=0, help="close a step after this many tokens (0: no limit)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
@@ -201,7 +207,7 @@ def main(argv=None):
     experts = args.adapters is not None
     V = model.args.vocab_size
     gen = dict(stop_ids=tok.stop_ids, max_new_tokens=args.max_new_tokens, experts=experts, path=args.path,
-               temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+               temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_step_tokens=args.max_step_tokens)
     encode = tok.encode if args.raw else tok.chat
 
     if args.prompt:

@@ -33,6 +33,26 @@ OUT = os.path.join(HERE, "fixtures")
 rng = np.random.default_rng(0)
 
 
+def add_tensor_value(x, qtype):
+    """What a reader must decode from x stored as qtype (float32)."""
+    if qtype == Q.F32:
+        return x
+    if qtype == Q.F16:
+        return x.astype(np.float16).astype(np.float32)
+    return dequantize(quantize(x, qtype), qtype).astype(np.float32).reshape(x.shape)
+
+
+def add_tensor(w, name, x, qtype):
+    """Store x in the GGUF writer as qtype; returns the float32 values a reader must decode."""
+    if qtype == Q.F32:
+        w.add_tensor(name, x)
+    elif qtype == Q.F16:
+        w.add_tensor(name, x.astype(np.float16))
+    else:
+        w.add_tensor(name, quantize(x, qtype), raw_dtype=qtype)
+    return add_tensor_value(x, qtype)
+
+
 def quant_fixture():
     w = GGUFWriter(os.path.join(OUT, "quant.gguf"), "test")
     w.add_custom_alignment(64)
@@ -56,16 +76,7 @@ def quant_fixture():
                "q8_0": (values(4, 64), Q.Q8_0), "q4_0": (values(4, 64), Q.Q4_0), "q4_1": (values(4, 64), Q.Q4_1),
                "q8_0_3d": (values(2, 3, 32), Q.Q8_0)}
     for name, (x, qtype) in tensors.items():
-        if qtype == Q.F32:
-            w.add_tensor(name, x)
-            expected[name] = x
-        elif qtype == Q.F16:
-            w.add_tensor(name, x.astype(np.float16))
-            expected[name] = x.astype(np.float16).astype(np.float32)
-        else:
-            q = quantize(x, qtype)
-            w.add_tensor(name, q, raw_dtype=qtype)
-            expected[name] = dequantize(q, qtype).astype(np.float32).reshape(x.shape)
+        expected[name] = add_tensor(w, name, x, qtype)
     write(w)
     np.savez(os.path.join(OUT, "quant_expected.npz"), **expected)
     with open(os.path.join(OUT, "quant_expected.json"), "w") as f:
@@ -140,16 +151,10 @@ def tiny_llama_fixture():
     expected = {}
 
     def add(gguf_name, hf_name, x, qtype, heads=None):
-        gx = interleave(x, heads) if heads else x
-        if qtype == Q.F32:
-            w.add_tensor(gguf_name, gx)
-            expected[hf_name] = x
-        elif qtype == Q.F16:
-            w.add_tensor(gguf_name, gx.astype(np.float16))
-            expected[hf_name] = x.astype(np.float16).astype(np.float32)
-        else:  # rows are quantised independently, so quantising then permuting rows == permuting then quantising
-            w.add_tensor(gguf_name, quantize(gx, qtype), raw_dtype=qtype)
-            expected[hf_name] = dequantize(quantize(x, qtype), qtype).astype(np.float32)
+        # rows are quantised independently, so quantising then permuting rows == permuting then
+        # quantising: after un-permuting, a reader must decode x's own quantised values
+        add_tensor(w, gguf_name, interleave(x, heads) if heads else x, qtype)
+        expected[hf_name] = add_tensor_value(x, qtype)
 
     r = lambda *s: rng.normal(0, 0.3, s).astype(np.float32)
     add("token_embd.weight", "model.embed_tokens.weight", r(vocab, dim), Q.Q8_0)

@@ -25,7 +25,7 @@ class MarkerHappyModel(torch.nn.Module):
 
     def forward(self, tokens, positions=None, mask=None, cache=None, route=None):
         cache.length += tokens.shape[1]
-        self.routes += route[0].tolist()
+        self.routes += route[0].tolist() if route is not None else []
         self.seen += tokens[0].tolist()
         since_marker = 0
         for t in reversed(self.seen):
@@ -56,6 +56,25 @@ def test_forced_paths_emit_exactly_their_markers(path, markers):
     assert out[-1] == R_  # generation stops after the response
     taken = [name for name, ids in split_steps(out, V).items() if ids]
     assert all(split_steps(out, V)[name] == [TEXT] * 3 for name in taken)
+
+
+def test_an_end_of_turn_cannot_cut_a_chain_short():
+    class EagerToStop(MarkerHappyModel):  # prefers to end the turn whenever it may write text
+        def forward(self, *a, **kw):
+            logits = super().forward(*a, **kw)
+            logits[..., STOP] = 50.0
+            return logits
+    out = generate(EagerToStop(), [[1, 2, 3]], [STOP], max_new_tokens=40, experts=True, path="answer",
+                   max_step_tokens=2)[0]
+    assert out == [R, TEXT, TEXT, R_]  # the step grammar keeps it inside the chain until <|/response|>
+    plain = generate(EagerToStop(), [[1, 2, 3]], [STOP], max_new_tokens=40, experts=False)[0]
+    assert plain == [STOP]  # without experts an end of turn ends the answer
+
+
+def test_a_step_is_closed_after_max_step_tokens():
+    model = MarkerHappyModel()  # it wants 3 text tokens per step
+    out = generate(model, [[1, 2, 3]], [STOP], max_new_tokens=40, experts=True, path="full", max_step_tokens=2)[0]
+    assert out == [A, TEXT, TEXT, A_, G, TEXT, TEXT, G_, R, TEXT, TEXT, R_]
 
 
 def test_sampler_switches_experts_at_the_markers():
