@@ -63,7 +63,8 @@ def step_grammar(generated: list, path, base_vocab: int, max_step_tokens: int = 
 @torch.no_grad()
 def generate(model, prompts: list, stop_ids, max_new_tokens=256, experts=False, path="auto",
              temperature=0.0, top_p=1.0, seed=0, merge=False, on_token=None, max_step_tokens=0):
-    """Batched decoding with a KV cache. prompts: lists of ids -> lists of generated ids.
+    """Batched decoding with a KV cache. prompts: lists of ids -> lists of generated ids; a row ends
+    at one of stop_ids (none: exactly max_new_tokens) or, with experts, after <|/response|>.
 
     Prompts are left-padded; padding is masked out of attention and positions start at each
     prompt's first token, so a row decodes exactly as it would alone. With experts=True each new
@@ -72,7 +73,7 @@ def generate(model, prompts: list, stop_ids, max_new_tokens=256, experts=False, 
     device = next(model.parameters()).device
     V = model.args.vocab_size
     B, L = len(prompts), max(len(p) for p in prompts)
-    history = torch.full((B, L), stop_ids[0], dtype=torch.long, device=device)
+    history = torch.full((B, L), stop_ids[0] if stop_ids else 0, dtype=torch.long, device=device)  # left padding
     valid = torch.zeros(B, L, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
         history[i, L - len(p):], valid[i, L - len(p):] = torch.tensor(p), True

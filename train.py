@@ -204,6 +204,8 @@ def main(argv=None):
     ckpt, log_path = os.path.join(args.out, "checkpoint.safetensors"), os.path.join(args.out, "metrics.jsonl")
     start = 0
     if args.resume:
+        if not os.path.exists(ckpt):
+            sys.exit(f"error: --resume: no checkpoint at {ckpt}")
         start = load_checkpoint(ckpt, model, opt, rng)
         with open(log_path) as f:  # keep the log of the steps the checkpoint holds
             kept = [line for line in f if json.loads(line).get("step", 0) <= start]
