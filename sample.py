@@ -183,6 +183,24 @@ def load(base: str | None, adapters: str | None, device: str):
     return model, tok
 
 
+def read_prompts(path: str) -> list:
+    """Questions from a file: one per line, or JSON objects with a 'question' string."""
+    try:
+        lines = [line for line in open(path, encoding="utf-8").read().splitlines() if line.strip()]
+    except OSError as e:
+        sys.exit(f"error: {path}: {e}")
+    questions = []
+    for n, line in enumerate(lines, 1):
+        try:
+            q = json.loads(line)["question"] if line.lstrip().startswith("{") else line
+        except (json.JSONDecodeError, KeyError, TypeError):
+            q = None
+        if not isinstance(q, str) or not q.strip():
+            sys.exit(f"error: {path}:{n}: expected a question per line or a JSON object with a 'question' string")
+        questions.append(q)
+    return questions
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", help="base checkpoint (default: the base the adapters were trained on)")
@@ -203,6 +221,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not (args.prompt or args.prompts):
         p.error("give --prompt or --prompts")
+    questions = read_prompts(args.prompts) if args.prompts and not args.prompt else None  # fail fast on a bad file
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load(args.base, args.adapters, device)
     experts = args.adapters is not None
@@ -224,16 +243,6 @@ def main(argv=None):
         print(f"\n({len(ids)} tokens in {seconds:.1f} s, {len(ids) / seconds:.1f} tokens/s)", file=sys.stderr)
         return
 
-    try:
-        lines = [line for line in open(args.prompts, encoding="utf-8").read().splitlines() if line.strip()]
-    except OSError as e:
-        sys.exit(f"error: {args.prompts}: {e}")
-    questions = []
-    for n, line in enumerate(lines, 1):
-        try:
-            questions.append(json.loads(line)["question"] if line.lstrip().startswith("{") else line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            sys.exit(f"error: {args.prompts}:{n}: expected a question per line or a JSON object with 'question'")
     sink = open(args.out, "w") if args.out else None
     for i in range(0, len(questions), args.batch_size):
         batch = questions[i:i + args.batch_size]

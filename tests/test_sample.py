@@ -128,3 +128,14 @@ def test_sampling_is_seeded_and_top_p_keeps_the_head():
     a = [pick(logits.expand(64, 4), 1.0, 1.0, g()) for _ in range(2)]
     assert torch.equal(a[0], a[1]) and len(set(a[0].tolist())) > 1
     assert pick(logits, 0.0, 0.9).item() == 0
+
+
+def test_a_bad_prompts_file_is_one_line_naming_file_and_line(tmp_path):
+    import sample
+    bad = tmp_path / "q.txt"
+    bad.write_text('How do I bake bread?\n{"question": 3}\n')
+    with pytest.raises(SystemExit, match=r"q.txt:2: expected a question per line or a JSON object"):
+        sample.main(["--base", "unused.safetensors", "--prompts", str(bad)])
+    good = tmp_path / "good.txt"
+    good.write_text('How do I bake bread?\n\n{"question": "Is it late?"}\n')
+    assert sample.read_prompts(str(good)) == ["How do I bake bread?", "Is it late?"]
