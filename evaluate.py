@@ -198,7 +198,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "completions.jsonl"), "w", encoding="utf-8") as f, \
             tqdm(total=sum(map(len, prompts.values())), unit="prompt", desc="evaluate", dynamic_ncols=True) as bar:
         for name, ps in prompts.items():
-            outs = selfgen.batched_generate(model, tok, [tok.chat(q) for q in ps], args.batch_size, bar, **gen)
+            outs = sample.generate_batches(model, tok, [tok.chat(q) for q in ps], args.batch_size, bar, **gen)
             for q, ids in zip(ps, outs):
                 records.append({"set": name, "label": SETS[name], "prompt": q} | score(tok, ids, V, experts))
                 f.write(json.dumps(records[-1], ensure_ascii=False) + "\n")

@@ -117,6 +117,20 @@ def generate(model, prompts: list, stop_ids, max_new_tokens=256, experts=False, 
     return out
 
 
+def generate_batches(model, tok, prompts: list, batch_size: int, bar=None, **gen) -> list:
+    """generate() over prompt id lists in batches of similar length (sorted: little padding).
+    -> the generated ids of each prompt, in input order. bar: a tqdm bar advanced per prompt."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out = [None] * len(prompts)
+    for k in range(0, len(order), batch_size):
+        rows = order[k:k + batch_size]
+        for i, ids in zip(rows, generate(model, [prompts[i] for i in rows], tok.stop_ids, **gen)):
+            out[i] = ids
+        if bar is not None:
+            bar.update(len(rows))
+    return out
+
+
 def constrain(logits, grammars, base_vocab, stop_ids):
     """Set to -inf the logits of tokens the step grammar forbids in each row (B, V + 6). A chain
     ends with <|/response|>, so a stop token (end of turn) is never allowed inside it."""
@@ -244,15 +258,14 @@ def main(argv=None):
         return
 
     sink = open(args.out, "w") if args.out else None
-    for i in range(0, len(questions), args.batch_size):
-        batch = questions[i:i + args.batch_size]
-        for q, ids in zip(batch, generate(model, [encode(q) for q in batch], **gen)):
-            record = {"question": q, "path": args.path if experts else None, "n_tokens": len(ids)}
-            if experts:
-                record |= {k: tok.decode(v).strip() for k, v in split_steps(ids, V, tok.stop_ids).items()}
-            else:
-                record["answer"] = tok.decode([t for t in ids if t not in tok.stop_ids]).strip()
-            print(json.dumps(record, ensure_ascii=False), file=sink or sys.stdout, flush=True)
+    outs = generate_batches(model, tok, [encode(q) for q in questions], args.batch_size, **gen)
+    for q, ids in zip(questions, outs):
+        record = {"question": q, "path": args.path if experts else None, "n_tokens": len(ids)}
+        if experts:
+            record |= {k: tok.decode(v).strip() for k, v in split_steps(ids, V, tok.stop_ids).items()}
+        else:
+            record["answer"] = tok.decode([t for t in ids if t not in tok.stop_ids]).strip()
+        print(json.dumps(record, ensure_ascii=False), file=sink or sys.stdout, flush=True)
     if sink:
         sink.close()
         print(f"wrote {len(questions)} records to {args.out}")

@@ -208,20 +208,6 @@ def generation_questions(questions: list, limit: int = 0) -> tuple:
     return kept[: limit or None], len(questions) - len(kept)
 
 
-def batched_generate(model, tok, prompts: list, batch_size: int, bar=None, **gen) -> list:
-    """sample.generate over prompt id lists in batches of similar length (sorted: little padding).
-    -> the generated ids of each prompt, in input order. bar: a tqdm bar advanced per prompt."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out = [None] * len(prompts)
-    for k in range(0, len(order), batch_size):
-        rows = order[k:k + batch_size]
-        for i, ids in zip(rows, sample.generate(model, [prompts[i] for i in rows], tok.stop_ids, **gen)):
-            out[i] = ids
-        if bar is not None:
-            bar.update(len(rows))
-    return out
-
-
 def decode_text(tok, ids) -> str:
     """Generated ids -> text, without stop tokens."""
     return tok.decode([t for t in ids if t not in tok.stop_ids]).strip()
@@ -250,7 +236,7 @@ def main(argv=None):
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
     def generate_fn(prompts):
-        ids = batched_generate(model, tok, [tok.chat(q) for q in prompts], args.batch_size, **gen)
+        ids = sample.generate_batches(model, tok, [tok.chat(q) for q in prompts], args.batch_size, **gen)
         return [decode_text(tok, x) for x in ids]
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
