@@ -240,7 +240,7 @@ def main(argv=None):
     model, tok = load(args.base, args.adapters, device)
     experts = args.adapters is not None
     V = model.args.vocab_size
-    gen = dict(stop_ids=tok.stop_ids, max_new_tokens=args.max_new_tokens, experts=experts, path=args.path,
+    gen = dict(max_new_tokens=args.max_new_tokens, experts=experts, path=args.path,
                temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_step_tokens=args.max_step_tokens)
     encode = tok.encode if args.raw else tok.chat
 
@@ -248,7 +248,7 @@ def main(argv=None):
         streamer = Streamer(tok, V, experts)
         print(args.prompt if args.raw else f"> {args.prompt}", end="" if args.raw else "\n", flush=True)
         t0 = time.time()
-        ids = generate(model, [encode(args.prompt)], merge=not args.no_merge, on_token=streamer, **gen)[0]
+        ids = generate(model, [encode(args.prompt)], tok.stop_ids, merge=not args.no_merge, on_token=streamer, **gen)[0]
         seconds = time.time() - t0
         print()
         if experts:

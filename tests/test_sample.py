@@ -139,3 +139,25 @@ def test_a_bad_prompts_file_is_one_line_naming_file_and_line(tmp_path):
     good = tmp_path / "good.txt"
     good.write_text('How do I bake bread?\n\n{"question": "Is it late?"}\n')
     assert sample.read_prompts(str(good)) == ["How do I bake bread?", "Is it late?"]
+
+
+def test_prompts_file_to_jsonl_end_to_end(tmp_path):
+    """sample.py --prompts FILE --out FILE.jsonl on a random tiny base, without and with experts."""
+    import json
+
+    import sample
+    torch.manual_seed(0)
+    base = str(tmp_path / "tiny.safetensors")
+    Transformer(ModelArgs.preset("tiny")).save(base, metadata={"tokenizer": "byte"})
+    prompts = tmp_path / "q.txt"
+    prompts.write_text('How do I bake bread?\n{"question": "Is it late?"}\n')
+    sample.main(["--base", base, "--prompts", str(prompts), "--out", str(tmp_path / "plain.jsonl"), "--max-new-tokens", "5"])
+    assert [json.loads(line)["question"] for line in open(tmp_path / "plain.jsonl")] == ["How do I bake bread?", "Is it late?"]
+    model = Transformer.from_pretrained(base)
+    mote.attach(model)
+    mote.save_adapters(model, str(tmp_path / "adapters.safetensors"))
+    sample.main(["--base", base, "--adapters", str(tmp_path / "adapters.safetensors"), "--prompts", str(prompts),
+                 "--out", str(tmp_path / "experts.jsonl"), "--path", "full", "--max-new-tokens", "12", "--max-step-tokens", "2"])
+    records = [json.loads(line) for line in open(tmp_path / "experts.jsonl")]
+    assert [set(r) >= {"analysis", "guidance", "response"} for r in records] == [True, True]
+    assert all(r["n_tokens"] == 12 for r in records)  # <a> x x </a> <g> x x </g> <r> x x </r>
