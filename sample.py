@@ -19,6 +19,7 @@ import time
 import torch
 
 import data
+import tokenizer
 import mote
 from model import CheckpointError, KVCache, Transformer, causal_mask
 
@@ -188,7 +189,7 @@ def load(base: str | None, adapters: str | None, device: str):
         sys.exit("error: give --base (or --adapters DIR written by train.py, which names its base)")
     try:
         model = Transformer.from_pretrained(base, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
-        tok = data.load_tokenizer(base)
+        tok = tokenizer.load_tokenizer(base)
         if adapters:
             mote.load_adapters(model, adapters)
             tok = tok.with_special_tokens(mote.marker_tokens(model.args.vocab_size))

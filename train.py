@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import data
+import tokenizer
 import mote
 from model import CheckpointError, Transformer
 
@@ -174,7 +175,7 @@ def main(argv=None):
 
     try:
         base = Transformer.from_pretrained(args.base, dtype=torch.bfloat16 if amp else torch.float32, device=device)
-        tok = data.load_tokenizer(args.base)
+        tok = tokenizer.load_tokenizer(args.base)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     V = base.args.vocab_size

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from convert import GGUF, AssetUnavailable, asset, convert_gguf, dequantize, hf_name, main
-from data import hf_tokenizer, load_tokenizer
+from tokenizer import hf_tokenizer, load_tokenizer
 from model import ModelArgs, Transformer, apply_rope, interleaved_to_half, rope_cos_sin, rope_frequencies
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")

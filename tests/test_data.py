@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import mote
-from data import DataError, byte_tokenizer, collate, encode_chain, encode_chains, hh_questions, read_chains
+from tokenizer import byte_tokenizer
+from data import DataError, collate, encode_chain, encode_chains, hh_questions, read_chains
 
 V = 264
 TOK = byte_tokenizer().with_special_tokens(mote.marker_tokens(V))

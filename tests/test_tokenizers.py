@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from convert import GGUF, AssetUnavailable, asset, gguf_tokenizer
-from data import (CHAT_TEMPLATES, byte_tokenizer, hf_tokenizer, llama3_tokenizer, load_tokenizer,
+from tokenizer import (CHAT_TEMPLATES, byte_tokenizer, hf_tokenizer, llama3_tokenizer, load_tokenizer,
                   tokenizer_from_file)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -186,7 +186,7 @@ def test_hf_tokenizer_json_readers(llama3, smollm2, tiny, tmp_path):
         assert hf_llama3.encode(text) == llama3.encode(text)
     assert hf_llama3.chat("hi") == llama3.chat("hi") and hf_llama3.eot_id == 128009
     # a tokenizer.json shaped like SmolLM2's on Hugging Face, built from the GGUF vocabulary
-    from data import GPT2_UNICODE_TO_BYTE
+    from tokenizer import GPT2_UNICODE_TO_BYTE
     to_unicode = {b: c for c, b in GPT2_UNICODE_TO_BYTE.items()}
     vocab = {"".join(to_unicode[b] for b in token): i for token, i in smollm2.enc._mergeable_ranks.items()}
     specials = smollm2.enc._special_tokens
