@@ -128,9 +128,12 @@ def score(tok, ids: list, base_vocab: int, experts: bool) -> dict:
 
 
 def rates(records: list) -> dict:
+    """Refusal: a refusal phrase in the response. Compliance: a response that is there and does not
+    refuse; an empty or never-reached response (the token budget ran out first) is neither."""
     n = len(records)
     refusal = sum(r["refusal"] for r in records) / n
-    return {"n": n, "refusal_rate": refusal, "compliance_rate": 1 - refusal,
+    complied = sum(not r["refusal"] and not r["empty_response"] for r in records) / n
+    return {"n": n, "refusal_rate": refusal, "compliance_rate": complied,
             "mean_tokens": sum(r["n_tokens"] for r in records) / n,
             "empty_response_rate": sum(r["empty_response"] for r in records) / n}
 
@@ -180,6 +183,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-step-tokens", type=int, default=0, help="with adapters: close a step after this many tokens")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="the model's dtype; auto: bf16 on CUDA, fp32 on CPU")
     args = p.parse_args(argv)
     names = args.sets.split(",")
     if not names or any(n not in SETS for n in names):
@@ -189,7 +194,7 @@ def main(argv=None):
     except (AssetUnavailable, RuntimeError, OSError, data.DataError) as e:
         sys.exit(f"error: cannot load the prompt sets: {e}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok = sample.load(args.base, args.adapters, device)
+    model, tok = sample.load(args.base, args.adapters, device, args.dtype)
     experts, V = args.adapters is not None, model.args.vocab_size
     gen = dict(max_new_tokens=args.max_new_tokens, experts=experts, path=args.path, temperature=0.0,
                max_step_tokens=args.max_step_tokens)

@@ -1,7 +1,7 @@
 """The ablation experiment (the paper's Table 4, replayed small and offline) on SmolLM2-135M-Instruct.
 
     python experiment.py                       # runs what is missing under runs/exp, prints the table
-    python experiment.py --steps 10 --limit 12 --generate 40 --max-step-tokens 64
+    python experiment.py --iters 10 --limit 12 --generate 40 --max-step-tokens 64
 
 Same data, same step budget, every variant: MoTE, single LoRA, token-gated MoE, MoTE without the
 shared expert, MoTE without step skipping; on (a) the hand-written demo chains and (b) chains the
@@ -39,7 +39,7 @@ def slug(name):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/exp")
-    p.add_argument("--steps", type=int, default=10, help="optimizer steps per variant (batch 8)")
+    p.add_argument("--iters", type=int, default=10, help="optimizer steps (iterations) per variant (batch 8)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--generate", type=int, default=40, help="questions to self-generate chains for")
     p.add_argument("--limit", type=int, default=12, help="prompts per evaluation set")
@@ -61,8 +61,8 @@ def main():
     for data_name, data_file in (("demo", "data/demo_chains.jsonl"), ("self-generated", selfgen)):
         for name, flags in VARIANTS.items():
             run_dir = os.path.join(args.out, f"{slug(data_name)}-{slug(name)}")
-            run(["python", "train.py", "--base", BASE, "--data", data_file, "--out", run_dir, "--max-steps",
-                 str(args.steps), "--batch-size", "8", "--lr", str(args.lr), "--val-frac", "0.15", *flags],
+            run(["python", "train.py", "--base", BASE, "--data", data_file, "--out", run_dir, "--max-iters",
+                 str(args.iters), "--batch-size", "8", "--lr", str(args.lr), "--val-frac", "0.15", *flags],
                 os.path.join(run_dir, "adapters.safetensors"))
             for path in (["auto", "answer", "full"] if name == "MoTE" else ["auto"]):
                 out = os.path.join(run_dir, f"eval-{path}")

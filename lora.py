@@ -12,16 +12,19 @@ A is Kaiming-initialised and B is zero, so a fresh bank computes exactly W0 x. W
 MoTE and its ablation baselines (METHOD.md section 3) is only the mixing weights w(t), (E,) per token:
 
     routing="step"   MoTE. alpha on the expert of token t's step, 1 - alpha on the shared expert
-                     (the last one), 0 on the rest: step_weights(). The route is an argument.
+                     (the last one), 0 on the rest; without a shared expert, 1 on the step's
+                     expert: step_weights() and mixing_table(). The route is an argument.
     routing="token"  the "vanilla MoE" row: a learned gate picks top-k experts per token, with a
                      load-balancing loss: gate_weights().
     routing="single" one plain LoRA: E = 1, w = 1.
 
 Vectorised form: one matmul makes every expert's down-projection A_e x (E*r = 64 columns), the
 experts a token does not use are zeroed, and one matmul makes the up-projections. No loop over
-experts or tokens. Sorting tokens by expert into a padded batched matmul, or a loop over experts,
-measured slower on CPU (see bench.py); the extra rank costs little because these matmuls are
-dominated by reading x and writing y, which a single LoRA does too.
+experts or tokens. The extra rank costs little: these matmuls are dominated by reading x and
+writing y, which a single LoRA does too.
+
+Dtypes: A, B, the gate and the marker rows (mote.py) are created in fp32 whatever the base's dtype,
+train in fp32 under autocast, and are cast once to the base's dtype for inference (mote.cast_experts).
 """
 import math
 
@@ -40,18 +43,22 @@ class ExpertBank(nn.Module):
         self.routing, self.shared, self.alpha, self.top_k = routing, shared, alpha, top_k
         self.rank, self.scale = rank, lora_alpha / rank
         out_features, in_features = base.weight.shape
-        self.A = nn.Parameter(torch.empty(n_experts, rank, in_features, device=base.weight.device))
+        fp32 = dict(device=base.weight.device, dtype=torch.float32)  # trainable tensors: fp32 (see Dtypes above)
+        self.A = nn.Parameter(torch.empty(n_experts, rank, in_features, **fp32))
         # B is kept as (out, E, r) so that the up-projection of all experts is one matmul with B
         # viewed as (out, E*r), without a copy: that matters when decoding one token at a time
-        self.B = nn.Parameter(torch.zeros(out_features, n_experts, rank, device=base.weight.device))
+        self.B = nn.Parameter(torch.zeros(out_features, n_experts, rank, **fp32))
         for a in self.A:  # each expert as nn.Linear / PEFT initialise LoRA's A
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.register_buffer("mix", self.mixing_table(n_experts, shared, alpha).to(base.weight.device), persistent=False)
+        self.register_buffer("mix", self.mixing_table(n_experts, shared, alpha).to(**fp32), persistent=False)
         if routing == "token":
-            self.gate = nn.Linear(in_features, n_experts, bias=False, device=base.weight.device)
-            nn.init.zeros_(self.gate.weight)  # start from uniform routing
-            self.balance_loss = torch.zeros(())  # set by every forward; read by mote.balance_loss
-        self.merged = None  # the step folded into W0 by merge(), or None
+            self.gate = nn.Linear(in_features, n_experts, bias=False, **fp32)
+            # small random logits: near-uniform routing whose top-k differs from token to token (a zero
+            # gate ties every expert, and topk then sends every token to the same k experts)
+            nn.init.normal_(self.gate.weight, std=0.02)
+            self.gate_probs = self.gate_top = None  # of the last forward; read by balance_loss()
+        self.merged = None  # the step folded into merged_weight by merge(), or None
+        self.merged_weight = None  # W0 + the merged experts' delta, a second tensor (W0 is never changed)
 
     @property
     def n_experts(self) -> int:
@@ -67,24 +74,34 @@ class ExpertBank(nn.Module):
 
     @staticmethod
     def mixing_table(n_experts: int, shared: bool, alpha: float):
-        """(n_step_experts, E): row s holds the expert weights of a token of step s."""
-        n_steps = n_experts - 1 if shared else n_experts
-        table = torch.eye(n_steps) * alpha
-        if shared:
-            table = torch.cat([table, torch.full((n_steps, 1), 1.0 - alpha)], dim=1)
-        return table
+        """(n_step_experts, E): row s holds the expert weights of a token of step s. With a shared
+        expert (the last column): alpha on expert s, 1 - alpha on the shared one. Without (the
+        "no shared expert" ablation, METHOD.md sec. 3): 1 on expert s, alpha unused.
+
+            shared, alpha=0.5:  [[.5 0 0 .5]      shared=False:  [[1 0 0]
+                                 [0 .5 0 .5]                      [0 1 0]
+                                 [0 0 .5 .5]]                     [0 0 1]]"""
+        if not shared:
+            return torch.eye(n_experts)
+        n_steps = n_experts - 1
+        return torch.cat([torch.eye(n_steps) * alpha, torch.full((n_steps, 1), 1.0 - alpha)], dim=1)
 
     def gate_weights(self, x):
         """Token-level gated MoE (the ablation's "vanilla MoE"): softmax gate, top-k experts per token,
-        weights renormalised over the k; sets self.balance_loss = E * sum_e f_e * P_e (Switch
-        Transformer), f_e the share of tokens sent to e, P_e the mean gate probability of e."""
-        probs = F.softmax(self.gate(x).float(), dim=-1)  # (..., E)
+        weights renormalised over the k. Keeps the gate's probabilities and choices for balance_loss()."""
+        probs = F.softmax(F.linear(x, self.gate.weight.to(x.dtype)).float(), dim=-1)  # (..., E)
         top_p, top_i = probs.topk(self.top_k, dim=-1)
-        w = torch.zeros_like(probs).scatter(-1, top_i, top_p / top_p.sum(-1, keepdim=True))
-        chosen = torch.zeros_like(probs).scatter(-1, top_i, 1.0).reshape(-1, self.n_experts)
-        f = chosen.mean(0) / self.top_k
-        self.balance_loss = self.n_experts * (f * probs.reshape(-1, self.n_experts).mean(0)).sum()
-        return w.to(self.A.dtype)
+        self.gate_probs, self.gate_top = probs, top_i
+        return torch.zeros_like(probs).scatter(-1, top_i, top_p / top_p.sum(-1, keepdim=True))
+
+    def balance_loss(self, counted):
+        """The Switch Transformer load-balancing loss of the last forward, over the tokens where
+        counted (...,) is True (real step tokens: not padding, not the question): E * sum_e f_e P_e,
+        f_e the share of the counted tokens' top-k picks that went to e, P_e their mean gate
+        probability of e. It is 1 when routing is uniform, E / k when every token picks the same k."""
+        probs = self.gate_probs[counted]  # (N, E)
+        chosen = torch.zeros_like(probs).scatter(-1, self.gate_top[counted], 1.0)
+        return self.n_experts * (chosen.mean(0) / self.top_k * probs.mean(0)).sum()
 
     def expert_weights(self, x, route):
         """(..., E) mixing weights of every token over the experts, for this bank's routing."""
@@ -94,38 +111,42 @@ class ExpertBank(nn.Module):
             return self.step_weights(route)
         if self.routing == "token":
             return self.gate_weights(x)
-        return torch.ones(*x.shape[:-1], 1, device=x.device, dtype=self.A.dtype)
+        return torch.ones(*x.shape[:-1], 1, device=x.device, dtype=x.dtype)
 
     def forward(self, x, route=None):
         """x (..., in), route (...,) one expert index per token (routing="step") -> (..., out)."""
+        if self.merged_weight is not None:  # W0 and the active experts are one weight (see merge)
+            return F.linear(x, self.merged_weight)
         y = self.base(x)
-        if self.merged is not None:  # the experts are inside W0 (see merge)
-            return y
         E, r, d_in = self.A.shape
         w = self.expert_weights(x, route) * self.scale  # (..., E)
         h = x @ self.A.view(E * r, d_in).to(x.dtype).T  # (..., E*r): every expert's down-projection, one matmul
         h = (h.unflatten(-1, (E, r)) * w.to(h.dtype)[..., None]).flatten(-2)  # a token keeps only its experts
         return y + h @ self.B.view(-1, E * r).to(x.dtype).T  # (..., out): every up-projection, one matmul
 
+    def merge_weights(self, step: int):
+        """(E,) the expert weights that every token of `step` gets: a row of the mixing table, or 1
+        for a single LoRA. A token-gated bank has none: its weights differ from token to token."""
+        if self.routing == "token":
+            raise RuntimeError("a token-gated expert bank cannot be merged: its expert weights differ per token")
+        return self.mix[step].float() if self.routing == "step" else torch.ones(1, device=self.A.device)
+
     def delta(self, step: int):
         """The dense (out, in) update of a token of `step`: sum_e w_e * s * B_e A_e, in fp32."""
-        w = self.step_weights(torch.tensor(step, device=self.A.device)).float()
-        return torch.einsum("e,oer,eri->oi", w, self.B.float(), self.A.float()) * self.scale
+        return torch.einsum("e,oer,eri->oi", self.merge_weights(step), self.B.float(), self.A.float()) * self.scale
 
     @torch.no_grad()
     def merge(self, step: int):
-        """Fold the shared expert and the expert of `step` into W0, for fast decoding of that step:
-        afterwards forward() is one plain matmul and ignores the route. Undo with unmerge()."""
-        if self.routing != "step" or self.merged is not None:
-            raise RuntimeError("merge() needs a step-routed bank that is not merged already")
-        self.base.weight += self.delta(step).to(self.base.weight.dtype)
+        """Fold the experts of `step` into one weight, W0 + delta(step), for decoding a stretch of
+        tokens of one step: forward() is then one plain matmul that ignores the route.
+
+        W0 itself is never changed: the merged weight is a second tensor, summed in fp32 and rounded
+        once to W0's dtype, so unmerge() restores W0 exactly, however many times the sampler switches
+        steps. The price is one more copy of the layer's weight while merged (sample.py --no-merge
+        avoids it). Subtracting the delta back would not restore W0 in bf16."""
+        self.merged_weight = (self.base.weight.float() + self.delta(step)).to(self.base.weight.dtype)
         self.merged = step
 
-    @torch.no_grad()
     def unmerge(self):
-        """Subtract what merge() added. Exact up to rounding: in fp32 the round trip moves W0 by
-        ~1e-7 relative; in bf16 by up to one unit in the last place per round trip."""
-        if self.merged is None:
-            raise RuntimeError("unmerge() on a bank that is not merged")
-        self.base.weight -= self.delta(self.merged).to(self.base.weight.dtype)
-        self.merged = None
+        """Back to routed experts around the untouched W0."""
+        self.merged = self.merged_weight = None

@@ -14,6 +14,7 @@ hides, are explicit here:
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -78,11 +79,15 @@ class ModelArgs:
         ffn = int(2 * 4 * p["dim"] / 3)
         ffn = int(p.get("ffn_dim_multiplier", 1.0) * ffn)
         ffn = p["multiple_of"] * ((ffn + p["multiple_of"] - 1) // p["multiple_of"])
+        # Llama 3.1's params.json says only "use_scaled_rope": Meta's code then applies factor 8, low 1,
+        # high 4 over an 8192 context (llama-models, apply_scaling); later files may name the factors
         scaled = p.get("use_scaled_rope", False)
         return cls(dim=p["dim"], n_layers=p["n_layers"], n_heads=p["n_heads"], n_kv_heads=p.get("n_kv_heads", p["n_heads"]),
                    vocab_size=p["vocab_size"], ffn_dim=ffn, norm_eps=p.get("norm_eps", 1e-5),
-                   rope_theta=p.get("rope_theta", 1e4), rope_factor=8.0 if scaled else 1.0,
-                   max_seq_len=131072 if scaled else 8192)
+                   rope_theta=p.get("rope_theta", 1e4), rope_factor=p.get("rope_scaling_factor", 8.0) if scaled else 1.0,
+                   rope_low_freq_factor=p.get("rope_low_freq_factor", 1.0),
+                   rope_high_freq_factor=p.get("rope_high_freq_factor", 4.0),
+                   max_seq_len=p.get("max_seq_len", 131072 if scaled else 8192))
 
 
 PRESETS = {
@@ -91,10 +96,32 @@ PRESETS = {
                       max_seq_len=1024),
     "smollm2-135m": ModelArgs(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, ffn_dim=1536,
                               rope_theta=1e5, max_seq_len=8192, tie_embeddings=True),
+    # Llama 3.0 8B has the shapes of 3.1 8B but no RoPE scaling and an 8k context: a file without a
+    # config cannot say which it is (checkpoint_args)
+    "llama3-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, ffn_dim=14336,
+                           rope_theta=5e5, max_seq_len=8192),
     "llama31-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, ffn_dim=14336,
                             rope_theta=5e5, rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
                             rope_original_context=8192, max_seq_len=131072),
 }
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, device) -> torch.dtype:
+    """The base's dtype, decided here for every entry point (train.py, sample.py, evaluate.py):
+    "auto" is bf16 on CUDA and fp32 on CPU (most CPUs run fp32 matmuls faster than bf16).
+
+      training   base in this dtype; experts and marker rows fp32 (lora.py); with bf16 the forward
+                 runs under bf16 autocast, on CUDA and on CPU alike (train.py)
+      inference  base in this dtype; the experts cast to it once after loading (mote.cast_experts);
+                 the KV cache in the model's dtype (Transformer.dtype)"""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose auto or one of {sorted(DTYPES)}")
+    return DTYPES[name]
 
 
 class RMSNorm(nn.Module):
@@ -259,6 +286,11 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.checkpointing = False  # recompute each block in the backward pass (activation checkpointing)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The frozen base's dtype (experts attached for training stay fp32; see resolve_dtype)."""
+        return self.norm.weight.dtype
+
     def hidden(self, tokens, positions=None, mask=None, cache=None, route=None):
         """tokens (B, T) -> final hidden states (B, T, dim), before the output head.
 
@@ -274,7 +306,8 @@ class Transformer(nn.Module):
         if mask is not None and mask.dim() == 2:
             mask = mask.expand(B, -1, -1)
         x = self.embed_tokens(tokens)  # (B, T, dim)
-        cos, sin = rope_cos_sin(rope_frequencies(self.args, tokens.device), positions, x.dtype)  # fp32, never cast
+        # angles in fp32 (positions up to 128k need it), cos and sin then rounded to the model's dtype
+        cos, sin = rope_cos_sin(rope_frequencies(self.args, tokens.device), positions, x.dtype)
         for layer in self.layers:
             if self.checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, route, use_reentrant=False)
@@ -369,13 +402,17 @@ def checkpoint_args(path: str, files: list) -> ModelArgs:
     for f in files:
         with safe_open(f, framework="pt") as h:
             shapes.update({k.removeprefix("model."): tuple(h.get_slice(k).get_shape()) for k in h.keys()})
-    for name, args in PRESETS.items():
-        emb = shapes.get("embed_tokens.weight", shapes.get("tok_embeddings.weight"))
-        n_layers = len({k.split(".")[1] for k in shapes if k.startswith("layers.")})
-        if emb == (args.vocab_size, args.dim) and n_layers == args.n_layers:
-            return replace(args, tie_embeddings=not ({"lm_head.weight", "output.weight"} & shapes.keys()))
-    raise CheckpointError(f"{path}: no config (no model_args metadata, config.json or params.json) "
-                          f"and no preset matches its shapes")
+    emb = shapes.get("embed_tokens.weight", shapes.get("tok_embeddings.weight"))
+    n_layers = len({k.split(".")[1] for k in shapes if k.startswith("layers.")})
+    matches = [name for name, a in PRESETS.items() if emb == (a.vocab_size, a.dim) and n_layers == a.n_layers]
+    if not matches:
+        raise CheckpointError(f"{path}: no config (no model_args metadata, config.json or params.json) "
+                              f"and no preset matches its shapes")
+    if len(matches) > 1:
+        raise CheckpointError(f"{path}: no config, and its shapes fit presets {' and '.join(matches)}, which "
+                              f"differ (RoPE scaling, context): put the model's config.json or params.json beside it")
+    print(f"note: {path} has no config; assumed preset {matches[0]!r} from its shapes", file=sys.stderr)
+    return replace(PRESETS[matches[0]], tie_embeddings=not ({"lm_head.weight", "output.weight"} & shapes.keys()))
 
 
 # Meta's llama names -> ours (= Hugging Face's without "model.")

@@ -132,7 +132,7 @@ def skip_targets(targets, steps, dropped):
 class ExpertConfig:
     rank: int = 16
     lora_alpha: float = 32.0  # LoRA scale s = lora_alpha / rank (ours)
-    alpha: float = 0.5  # weight of the step expert; the shared expert gets 1 - alpha (METHOD.md sec. 3)
+    alpha: float = 0.5  # weight of the step expert; the shared expert gets 1 - alpha (METHOD.md sec. 3); unused if not shared
     routing: str = "step"  # step (MoTE) | token (gated MoE baseline) | single (one LoRA)
     shared: bool = True  # False: the "MoTE without shared expert" ablation
     top_k: int = 2  # experts per token with routing="token"
@@ -196,19 +196,40 @@ def parameter_counts(model) -> tuple:
     return sum(p.numel() for p in unique if p.requires_grad), sum(p.numel() for p in unique)
 
 
-def balance_loss(model):
-    """Sum of the token-gated banks' load-balancing losses of the last forward (0 for MoTE)."""
-    return sum((b.balance_loss for b in banks(model) if b.routing == "token"), torch.zeros(()))
+def balance_loss(model, counted):
+    """The token-gated banks' load-balancing loss of the last forward, averaged over the banks, over
+    the tokens where counted (B, T) is True (lora.ExpertBank.balance_loss); 0 for the other routings."""
+    gated = [b for b in banks(model) if b.routing == "token"]
+    if not gated:
+        return torch.zeros((), device=counted.device)
+    return torch.stack([b.balance_loss(counted) for b in gated]).mean()
+
+
+def mergeable(model) -> bool:
+    """Whether the experts can be folded into the weights per step: step routing (MoTE, with or
+    without the shared expert) and a single LoRA can; a token-gated bank cannot (lora.merge_weights)."""
+    return all(b.routing != "token" for b in banks(model))
 
 
 def merge_step(model, step):
-    """Fold the shared expert and the expert of `step` into every base weight (lora.ExpertBank.merge);
-    step=None unmerges. For decoding a single sequence: the sampler calls it when a step starts."""
+    """Fold the experts of `step` into one weight per layer (lora.ExpertBank.merge); step=None
+    unmerges. For decoding a single sequence: the sampler calls it when a step starts."""
     for b in banks(model):
-        if b.merged is not None:
+        if step is None:
             b.unmerge()
-        if step is not None:
+        else:
             b.merge(step)
+
+
+def cast_experts(model, dtype):
+    """For inference: the experts, gates and marker rows in the base's dtype, cast once (they are
+    trained in fp32; lora.py, Dtypes). Returns the model."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(dtype)
+    for b in banks(model):
+        b.mix = b.mix.to(dtype)
+    return model
 
 
 # ---- saving and loading the trainable tensors ----------------------------------------------------

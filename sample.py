@@ -11,6 +11,7 @@ the active expert to guidance, and so on, until <|/response|> ends the answer (M
 markers of question -> answer, question -> analysis -> answer, and the full chain.
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -21,21 +22,30 @@ import torch
 import data
 import tokenizer
 import mote
-from model import CheckpointError, KVCache, Transformer, causal_mask
+from model import CheckpointError, KVCache, Transformer, causal_mask, resolve_dtype
 
 PATHS = {"auto": None, "answer": (2,), "analysis": (0, 2), "full": (0, 1, 2)}
 COLOURS = {mote.QUESTION: "", 0: "\033[33m", 1: "\033[36m", 2: "\033[32m"}  # analysis yellow, guidance cyan, response green
 
 
-def pick(logits, temperature: float, top_p: float, generator=None):
-    """logits (B, V) -> next ids (B,): greedy at temperature 0, else nucleus (top-p) sampling."""
+def pick(logits, temperature: float, top_p: float, generators=None):
+    """logits (B, V) -> next ids (B,): greedy at temperature 0, else nucleus (top-p) sampling, row i
+    drawing from its own generators[i] (row_generators), so that it does not depend on its batch."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     p, idx = probs.sort(dim=-1, descending=True)
     p[(p.cumsum(-1) - p) > top_p] = 0  # keep the smallest head whose mass reaches top_p
-    choice = torch.multinomial(p / p.sum(-1, keepdim=True), 1, generator=generator)
-    return idx.gather(-1, choice)[:, 0]
+    p = p / p.sum(-1, keepdim=True)
+    choice = torch.cat([torch.multinomial(p[i], 1, generator=g) for i, g in enumerate(generators)])
+    return idx.gather(-1, choice[:, None])[:, 0]
+
+
+def row_generators(prompts: list, seed: int, device) -> list:
+    """One random generator per row, seeded by the seed and the row's prompt ids: a prompt's sample
+    is the same in any batch, at any position, and after a resumed run."""
+    digests = (hashlib.sha256(json.dumps([seed, list(p)]).encode()).digest() for p in prompts)
+    return [torch.Generator(device=device).manual_seed(int.from_bytes(d[:8], "little") >> 1) for d in digests]
 
 
 def step_grammar(generated: list, path, base_vocab: int, max_step_tokens: int = 0):
@@ -68,22 +78,26 @@ def generate(model, prompts: list, stop_ids, max_new_tokens=256, experts=False, 
     at one of stop_ids (none: exactly max_new_tokens) or, with experts, after <|/response|>.
 
     Prompts are left-padded; padding is masked out of attention and positions start at each
-    prompt's first token, so a row decodes exactly as it would alone. With experts=True each new
-    token is routed by mote.token_steps over the row so far and the step grammar is enforced;
-    merge=True (one row only) folds the active experts into the weights at every step change."""
+    prompt's first token, so a row decodes exactly as it would alone (and samples from its own
+    generator). With experts=True each new token is routed by mote.token_steps over the row so far
+    and the step grammar is enforced; merge=True (one row, mergeable experts: not token-gated) folds
+    the active experts into the weights at every step change. Generation stops at the model's context."""
     device = next(model.parameters()).device
-    V = model.args.vocab_size
+    V, context = model.args.vocab_size, model.args.max_seq_len
     B, L = len(prompts), max(len(p) for p in prompts)
+    if L >= context:
+        raise ValueError(f"a prompt of {L} tokens does not fit the model's context ({context} tokens)")
+    max_new_tokens = min(max_new_tokens, context - L)
     history = torch.full((B, L), stop_ids[0] if stop_ids else 0, dtype=torch.long, device=device)  # left padding
     valid = torch.zeros(B, L, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
         history[i, L - len(p):], valid[i, L - len(p):] = torch.tensor(p), True
-    cache = KVCache(model.args, B, L + max_new_tokens, device, next(model.parameters()).dtype)
+    cache = KVCache(model.args, B, L + max_new_tokens, device, model.dtype)
     positions = (valid.cumsum(-1) - 1).clamp(min=0)
     mask = causal_mask(L, L, device) & valid[:, None, :] | torch.eye(L, dtype=torch.bool, device=device)
     question_expert = torch.full((B,), mote.INFERENCE_QUESTION_EXPERT, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    merge = merge and experts and B == 1
+    generators = row_generators(prompts, seed, device) if temperature > 0 else None
+    merge = merge and experts and B == 1 and mote.mergeable(model)
     merged = [None]
 
     def forward(tokens, history, positions, mask):
@@ -100,7 +114,7 @@ def generate(model, prompts: list, stop_ids, max_new_tokens=256, experts=False, 
     for t in range(max_new_tokens):
         if experts:
             logits = constrain(logits, [step_grammar(o, path, V, max_step_tokens) for o in out], V, stop_ids)
-        nxt = pick(logits, temperature, top_p, generator)
+        nxt = pick(logits, temperature, top_p, generators)
         for i in range(B):
             if not done[i]:
                 out[i].append(nxt[i].item())
@@ -179,8 +193,9 @@ class Streamer:
             self.shown = text
 
 
-def load(base: str | None, adapters: str | None, device: str):
-    """The base (with its tokenizer) and, if given, the trained experts on it."""
+def load(base: str | None, adapters: str | None, device: str, dtype: str = "auto"):
+    """The base (with its tokenizer) and, if given, the trained experts on it, all in the base's
+    dtype (model.resolve_dtype: auto is bf16 on CUDA, fp32 on CPU)."""
     if adapters and os.path.isdir(adapters):
         if base is None and os.path.exists(os.path.join(adapters, "train_config.json")):
             base = json.load(open(os.path.join(adapters, "train_config.json")))["base"]
@@ -188,10 +203,10 @@ def load(base: str | None, adapters: str | None, device: str):
     if base is None:
         sys.exit("error: give --base (or --adapters DIR written by train.py, which names its base)")
     try:
-        model = Transformer.from_pretrained(base, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
+        model = Transformer.from_pretrained(base, dtype=resolve_dtype(dtype, device), device=device)
         tok = tokenizer.load_tokenizer(base)
         if adapters:
-            mote.load_adapters(model, adapters)
+            mote.cast_experts(mote.load_adapters(model, adapters), model.dtype)
             tok = tok.with_special_tokens(mote.marker_tokens(model.args.vocab_size))
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
@@ -233,12 +248,14 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-merge", action="store_true",
                    help="with one --prompt, keep the experts routed instead of folding the active ones into W0 at each step")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="the model's dtype; auto: bf16 on CUDA, fp32 on CPU")
     args = p.parse_args(argv)
     if not (args.prompt or args.prompts):
         p.error("give --prompt or --prompts")
     questions = read_prompts(args.prompts) if args.prompts and not args.prompt else None  # fail fast on a bad file
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok = load(args.base, args.adapters, device)
+    model, tok = load(args.base, args.adapters, device, args.dtype)
     experts = args.adapters is not None
     V = model.args.vocab_size
     gen = dict(max_new_tokens=args.max_new_tokens, experts=experts, path=args.path,
@@ -249,7 +266,10 @@ def main(argv=None):
         streamer = Streamer(tok, V, experts)
         print(args.prompt if args.raw else f"> {args.prompt}", end="" if args.raw else "\n", flush=True)
         t0 = time.time()
-        ids = generate(model, [encode(args.prompt)], tok.stop_ids, merge=not args.no_merge, on_token=streamer, **gen)[0]
+        try:
+            ids = generate(model, [encode(args.prompt)], tok.stop_ids, merge=not args.no_merge, on_token=streamer, **gen)[0]
+        except ValueError as e:
+            sys.exit(f"error: --prompt: {e}")
         seconds = time.time() - t0
         print()
         if experts:
@@ -259,7 +279,12 @@ def main(argv=None):
         return
 
     sink = open(args.out, "w") if args.out else None
-    outs = generate_batches(model, tok, [encode(q) for q in questions], args.batch_size, **gen)
+    encoded = [encode(q) for q in questions]
+    for n, ids in enumerate(encoded, 1):
+        if len(ids) >= model.args.max_seq_len:
+            sys.exit(f"error: {args.prompts}: question {n} has {len(ids)} tokens, more than the model's context "
+                     f"({model.args.max_seq_len})")
+    outs = generate_batches(model, tok, encoded, args.batch_size, **gen)
     for q, ids in zip(questions, outs):
         record = {"question": q, "path": args.path if experts else None, "n_tokens": len(ids)}
         if experts:

@@ -2,12 +2,14 @@
 
     python train.py --base smollm2-135m-instruct.safetensors --data data/demo_chains.jsonl --out runs/demo
 
-Every optimizer step: draw a question expert and a step-drop pattern per chain, build the skipping
-mask and positions (mote.skip_mask), route every token to its step's expert (mote.route), and take
-the next-token loss on the steps and markers only. Only the experts and marker rows train (AdamW),
-with warmup + cosine decay, gradient clipping and bf16 autocast on CUDA. Writes DIR/adapters.safetensors
-(the experts, for sample.py), DIR/checkpoint.safetensors (everything --resume needs; no pickle) and
-DIR/metrics.jsonl.
+Every iteration (one optimizer step): draw a question expert and a step-drop pattern per chain,
+build the skipping mask and positions (mote.skip_mask), route every token to its step's expert
+(mote.route), and take the next-token loss on the steps and markers only. The loss is the mean over
+every learned token of the iteration's --batch-size chains, however they are split into
+--micro-batch passes. Only the experts and marker rows train (AdamW, fp32), with warmup + cosine
+decay, gradient clipping, and bf16 autocast when the base is bf16 (model.resolve_dtype). Writes
+DIR/adapters.safetensors (the experts, for sample.py), DIR/checkpoint.safetensors (everything
+--resume needs; no pickle) and DIR/metrics.jsonl (one record per iteration, "iter").
 """
 import argparse
 import json
@@ -27,9 +29,7 @@ from tqdm import tqdm
 import data
 import tokenizer
 import mote
-from model import CheckpointError, Transformer
-
-KINDS = ("analysis", "guidance", "response")
+from model import CheckpointError, Transformer, resolve_dtype
 
 
 def parse_args(argv=None):
@@ -38,11 +38,11 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, help="JSONL reasoning chains (see README: data format)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--epochs", type=float, default=3, help="paper: 3")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: epochs decide)")
+    p.add_argument("--max-iters", type=int, default=0, help="stop after this many optimizer steps (0: epochs decide)")
     p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (paper: 2e-5; LoRA usually wants ~1e-4 to 1e-3)")
     p.add_argument("--batch-size", type=int, default=16, help="chains per optimizer step (paper: 16)")
     p.add_argument("--micro-batch", type=int, default=4, help="chains per forward pass; gradients accumulate to --batch-size")
-    p.add_argument("--warmup", type=float, default=0.05, help="warmup, as a fraction of the steps")
+    p.add_argument("--warmup", type=float, default=0.05, help="warmup, as a fraction of the iterations")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
     p.add_argument("--rank", type=int, default=16)
@@ -55,9 +55,11 @@ def parse_args(argv=None):
     p.add_argument("--balance-coef", type=float, default=0.01, help="load-balancing loss weight (--routing token)")
     p.add_argument("--max-len", type=int, default=1024, help="longer chains are dropped and counted")
     p.add_argument("--val-frac", type=float, default=0.1, help="share of chains held out for validation")
-    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: at the end only)")
-    p.add_argument("--save-every", type=int, default=50, help="write the resumable checkpoint every N steps")
+    p.add_argument("--eval-every", type=int, default=0, help="validate every N iterations (0: at the end only)")
+    p.add_argument("--save-every", type=int, default=50, help="write the resumable checkpoint every N iterations")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (an 8B base on 24 GB)")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="the base's dtype; auto: bf16 on CUDA, fp32 on CPU. Experts always train in fp32")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -70,12 +72,12 @@ def split(chains, val_frac, seed):
     return [chains[i] for i in order[n_val:]], [chains[i] for i in order[:n_val]]
 
 
-def lr_at(step, total, warmup, peak):
+def lr_at(iter_num, total, warmup, peak):
     """Linear warmup to peak, then cosine decay to peak / 10."""
     warm = max(1, round(warmup * total))
-    if step < warm:
-        return peak * (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
+    if iter_num < warm:
+        return peak * (iter_num + 1) / warm
+    progress = (iter_num - warm) / max(1, total - warm)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -92,46 +94,96 @@ def chunked_token_losses(head, hidden, targets, chunk=1024):
                       for i in range(0, len(y), chunk)] or [hidden.new_zeros(0)])
 
 
+def pass_targets(batch, base_vocab, dropped):
+    """The step of every token and the next-token targets of one skipping pass over a padded batch
+    (mote.skip_targets; -100 = nothing learned) -> steps (B, T), targets (B, T)."""
+    tokens, targets, _ = batch
+    steps = mote.token_steps(tokens, base_vocab)
+    return steps, mote.skip_targets(targets, steps, dropped)
+
+
 def chain_loss(model, batch, base_vocab, question_expert, dropped):
-    """One forward pass of MoTE training over a padded batch -> (per-token losses (N,), their steps (N,)).
+    """One forward pass of MoTE training over a padded batch -> (per-token losses (N,), the step of
+    each (N,), the balance loss of a token-gated baseline (0 for MoTE)).
 
     question_expert (B,) and dropped (B, 3) are the random draws (mote.draw_question_experts,
     mote.draw_drops); pass INFERENCE_QUESTION_EXPERT and no drops to evaluate."""
-    tokens, targets, valid = batch
-    steps = mote.token_steps(tokens, base_vocab)
+    tokens, _, valid = batch
+    steps, targets = pass_targets(batch, base_vocab, dropped)
     mask, positions = mote.skip_mask(steps, dropped, valid)
-    targets = mote.skip_targets(targets, steps, dropped)
     hidden = model.hidden(tokens, positions=positions, mask=mask, route=mote.route(steps, question_expert))
     # a loss counts to the step of the token it predicts: a start marker to the step it opens
     opened = mote.token_steps(targets.clamp(min=0)[..., None], base_vocab)[..., 0]
     target_steps = torch.where(opened != mote.QUESTION, opened, steps)
-    return chunked_token_losses(model.lm_head, hidden, targets), target_steps[targets != -100]
+    balance = mote.balance_loss(model, valid & (steps != mote.QUESTION))  # over the chains' own tokens
+    return chunked_token_losses(model.lm_head, hidden, targets), target_steps[targets != -100], balance
 
 
-def per_kind(losses, steps):
-    """Sum of the token losses of each step kind, (3,) float64 (a plain sum: deterministic)."""
-    return (F.one_hot(steps, 3).double() * losses.double()[:, None]).sum(0).cpu()
+def per_step(losses, steps):
+    """Sum of the token losses of each reasoning step, (3,) float64 (a plain sum: deterministic)."""
+    return (F.one_hot(steps, len(mote.STEPS)).double() * losses.double()[:, None]).sum(0).cpu()
+
+
+def autocast(device, dtype):
+    """bf16 autocast when the base is bf16 (CUDA or CPU), else nothing (model.resolve_dtype)."""
+    return torch.autocast(torch.device(device).type, torch.bfloat16, enabled=dtype == torch.bfloat16)
 
 
 @torch.no_grad()
-def evaluate(model, dataset, pad_id, base_vocab, micro, device, amp):
-    """Mean validation loss per step kind and overall: full chains, the inference question expert."""
+def evaluate(model, dataset, pad_id, base_vocab, micro, device, dtype):
+    """Mean validation loss per step and overall: full chains, the inference question expert."""
     model.eval()
     sums, counts = torch.zeros(3, dtype=torch.float64), torch.zeros(3)
     for i in range(0, len(dataset), micro):
         batch = [t.to(device) for t in data.collate(dataset[i:i + micro], pad_id)]
         B = batch[0].shape[0]
-        with torch.autocast("cuda", torch.bfloat16, enabled=amp):
-            losses, steps = chain_loss(model, batch, base_vocab, torch.full((B,), mote.INFERENCE_QUESTION_EXPERT, device=device),
-                                       torch.zeros(B, 3, dtype=torch.bool, device=device))
-        sums += per_kind(losses, steps)
+        with autocast(device, dtype):
+            losses, steps, _ = chain_loss(model, batch, base_vocab, torch.full((B,), mote.INFERENCE_QUESTION_EXPERT, device=device),
+                                          torch.zeros(B, 3, dtype=torch.bool, device=device))
+        sums += per_step(losses, steps)
         counts += torch.bincount(steps.cpu(), minlength=3).float()
     model.train()
-    return {f"val_{k}": (sums[i] / counts[i]).item() if counts[i] else None for i, k in enumerate(KINDS)} | \
+    return {f"val_{k}": (sums[i] / counts[i]).item() if counts[i] else None for i, k in enumerate(mote.STEPS)} | \
         {"val_loss": (sums.sum() / counts.sum()).item() if counts.sum() else None}
 
 
-def save_checkpoint(path, model, opt, rng, step, config):
+def train_iteration(model, chains, base_vocab, pad_id, micro_batch, question_expert, dropped, balance_coef, device, dtype):
+    """Forward and backward over one iteration's chains, micro_batch chains per pass. The gradient is
+    that of the mean loss over every token learned in the iteration (and of the balance loss, each
+    pass weighted by its share of those tokens), whatever micro_batch is: each pass's summed loss is
+    divided by the iteration's token count, counted before the first pass.
+    question_expert (B,) and dropped (B, 3): the iteration's draws. -> (per-step loss sums (3,),
+    per-step token counts (3,), chain tokens processed)."""
+    passes = []
+    for i in range(0, len(chains), micro_batch):
+        batch = [t.to(device) for t in data.collate(chains[i:i + micro_batch], pad_id)]
+        passes.append((batch, question_expert[i:i + micro_batch], dropped[i:i + micro_batch]))
+    n_learned = sum(int((pass_targets(b, base_vocab, d)[1] != -100).sum()) for b, _, d in passes)
+    sums, counts, n_tokens = torch.zeros(3, dtype=torch.float64), torch.zeros(3), 0
+    for batch, qexp, drop in passes:
+        with autocast(device, dtype):
+            losses, steps, balance = chain_loss(model, batch, base_vocab, qexp, drop)
+            loss = (losses.sum() + balance_coef * balance * len(losses)) / max(n_learned, 1)
+        loss.backward()
+        sums += per_step(losses.detach(), steps)
+        counts += torch.bincount(steps.cpu(), minlength=3).float()
+        n_tokens += int(batch[2].sum())
+    return sums, counts, n_tokens
+
+
+RESUME_FREE = ("resume", "save_every", "eval_every")  # flags a resumed run may change
+
+
+def check_resume(saved: dict, config: dict):
+    """A resumed run must be the same run: raise ValueError naming every flag that differs."""
+    differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {config[k]!r}" for k in sorted(config)
+              if k not in RESUME_FREE and saved.get(k) != config[k]]
+    if differ:
+        raise ValueError("--resume with flags that differ from the checkpoint's: " + "; ".join(differ) +
+                         " (resume with the run's own flags, or start a new run in another --out)")
+
+
+def save_checkpoint(path, model, opt, rng, iter_num, config):
     """Everything --resume needs, as safetensors (no pickle), written atomically (temp file + rename)."""
     params = [p for p in model.parameters() if p.requires_grad]
     names = {id(p): n for n, p in model.named_parameters()}
@@ -141,12 +193,17 @@ def save_checkpoint(path, model, opt, rng, step, config):
             tensors[f"opt.{i}.{key}"] = value.detach() if torch.is_tensor(value) else torch.tensor(value)
     tensors["rng"] = rng.get_state()
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
-    save_file(tensors, path + ".tmp", metadata={"step": str(step), "config": json.dumps(config)})
+    save_file(tensors, path + ".tmp", metadata={"iter_num": str(iter_num), "config": json.dumps(config)})
     os.replace(path + ".tmp", path)
 
 
+def read_checkpoint_config(path) -> dict:
+    with safe_open(path, framework="pt") as f:
+        return json.loads(f.metadata()["config"])
+
+
 def load_checkpoint(path, model, opt, rng):
-    """Restore what save_checkpoint wrote; returns the step to continue from."""
+    """Restore what save_checkpoint wrote; returns the iteration to continue from."""
     with safe_open(path, framework="pt") as f:
         meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     named = dict(model.named_parameters())
@@ -160,13 +217,13 @@ def load_checkpoint(path, model, opt, rng):
         if state:
             opt.state[p] = state
     rng.set_state(tensors["rng"])
-    return int(meta["step"])
+    return int(meta["iter_num"])
 
 
 def main(argv=None):
     args = parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    amp = device == "cuda"  # bf16 autocast on CUDA, fp32 on CPU
+    dtype = resolve_dtype(args.dtype, device)
     os.makedirs(args.out, exist_ok=True)
     try:
         chains = data.read_chains(args.data)
@@ -174,10 +231,12 @@ def main(argv=None):
         sys.exit(f"error: {e}")
 
     try:
-        base = Transformer.from_pretrained(args.base, dtype=torch.bfloat16 if amp else torch.float32, device=device)
+        base = Transformer.from_pretrained(args.base, dtype=dtype, device=device)
         tok = tokenizer.load_tokenizer(args.base)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    if args.max_len > base.args.max_seq_len:
+        sys.exit(f"error: --max-len {args.max_len} is longer than the model's context ({base.args.max_seq_len} tokens)")
     V = base.args.vocab_size
     tok = tok.with_special_tokens(mote.marker_tokens(V))
     train_chains, val_chains = split(chains, args.val_frac, args.seed)
@@ -191,75 +250,71 @@ def main(argv=None):
         sys.exit("error: no training chains left")
 
     torch.manual_seed(args.seed)
-    cfg = mote.ExpertConfig(rank=args.rank, lora_alpha=args.lora_alpha, alpha=1.0 if args.no_shared else args.alpha,
+    cfg = mote.ExpertConfig(rank=args.rank, lora_alpha=args.lora_alpha, alpha=args.alpha,
                             routing=args.routing, shared=not args.no_shared)
     model = mote.attach(base, cfg).train()
     model.checkpointing = args.checkpointing
     trainable, total = mote.parameter_counts(model)
-    print(f"experts: {cfg}; trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    print(f"experts: {cfg}; base {str(dtype).removeprefix('torch.')}; trainable {trainable:,} of {total:,} "
+          f"parameters ({100 * trainable / total:.2f}%)")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     rng = torch.Generator().manual_seed(args.seed)  # question experts and step drops
-    steps_per_epoch = math.ceil(len(train_set) / args.batch_size)
-    total_steps = args.max_steps or math.ceil(args.epochs * steps_per_epoch)
+    iters_per_epoch = math.ceil(len(train_set) / args.batch_size)
+    total_iters = args.max_iters or math.ceil(args.epochs * iters_per_epoch)
     ckpt, log_path = os.path.join(args.out, "checkpoint.safetensors"), os.path.join(args.out, "metrics.jsonl")
+    config = vars(args) | {"expert_config": asdict(cfg)}
     start = 0
     if args.resume:
         if not os.path.exists(ckpt):
             sys.exit(f"error: --resume: no checkpoint at {ckpt}")
+        try:
+            check_resume(read_checkpoint_config(ckpt), config)
+        except ValueError as e:
+            sys.exit(f"error: {ckpt}: {e}")
         start = load_checkpoint(ckpt, model, opt, rng)
-        with open(log_path) as f:  # keep the log of the steps the checkpoint holds
-            kept = [line for line in f if json.loads(line).get("step", 0) <= start]
+        with open(log_path) as f:  # keep the log of the iterations the checkpoint holds
+            kept = [line for line in f if json.loads(line).get("iter", 0) <= start]
         open(log_path, "w").writelines(kept)
-        print(f"resumed from {ckpt} at step {start}")
+        print(f"resumed from {ckpt} at iteration {start}")
     elif os.path.exists(log_path):
         os.remove(log_path)
-    config = vars(args) | {"expert_config": asdict(cfg)}
     json.dump(config, open(os.path.join(args.out, "train_config.json"), "w"), indent=1)
 
     pad = tok.eot_id
     if start == 0 and val_set:  # the losses before any training, for comparison
         with open(log_path, "a") as f:
-            f.write(json.dumps({"step": 0} | evaluate(model, val_set, pad, V, args.micro_batch, device, amp)) + "\n")
-    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, desc="train", dynamic_ncols=True)
-    for step in bar:
+            f.write(json.dumps({"iter": 0} | evaluate(model, val_set, pad, V, args.micro_batch, device, dtype)) + "\n")
+    bar = tqdm(range(start, total_iters), initial=start, total=total_iters, desc="train", dynamic_ncols=True)
+    for iter_num in bar:
         t0 = time.time()
-        epoch, k = divmod(step, steps_per_epoch)
+        epoch, k = divmod(iter_num, iters_per_epoch)
         order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed + epoch))
-        chosen = order[k * args.batch_size:(k + 1) * args.batch_size].tolist()
-        lr = lr_at(step, total_steps, args.warmup, args.lr)
+        chosen = [train_set[i] for i in order[k * args.batch_size:(k + 1) * args.batch_size].tolist()]
+        lr = lr_at(iter_num, total_iters, args.warmup, args.lr)
         for group in opt.param_groups:
             group["lr"] = lr
-        sums, counts, n_tokens = torch.zeros(3, dtype=torch.float64), torch.zeros(3), 0
-        micro_batches = [chosen[i:i + args.micro_batch] for i in range(0, len(chosen), args.micro_batch)]
-        for mb in micro_batches:
-            batch = [t.to(device) for t in data.collate([train_set[i] for i in mb], pad)]
-            B = batch[0].shape[0]
-            qexp = mote.draw_question_experts(B, rng, device)
-            dropped = mote.draw_drops(B, args.skip_p, rng, device)
-            with torch.autocast("cuda", torch.bfloat16, enabled=amp):
-                losses, steps = chain_loss(model, batch, V, qexp, dropped)
-                loss = losses.mean() + args.balance_coef * mote.balance_loss(model).to(losses.device)
-            (loss / len(micro_batches)).backward()
-            sums += per_kind(losses.detach(), steps)
-            counts += torch.bincount(steps.cpu(), minlength=3).float()
-            n_tokens += int(batch[2].sum())
+        # one draw per chain of the iteration, before it is split into micro-batches
+        qexp = mote.draw_question_experts(len(chosen), rng, device)
+        dropped = mote.draw_drops(len(chosen), args.skip_p, rng, device)
+        sums, counts, n_tokens = train_iteration(model, chosen, V, pad, args.micro_batch, qexp, dropped,
+                                                 args.balance_coef, device, dtype)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        record = {"step": step + 1, "epoch": round((step + 1) / steps_per_epoch, 3), "lr": lr,
+        record = {"iter": iter_num + 1, "epoch": round((iter_num + 1) / iters_per_epoch, 3), "lr": lr,
                   "loss": (sums.sum() / counts.sum()).item(), "grad_norm": grad_norm.item(),
                   "tokens_per_s": round(n_tokens / (time.time() - t0), 1)}
-        record |= {f"loss_{kind}": (sums[i] / counts[i]).item() if counts[i] else None for i, kind in enumerate(KINDS)}
-        last = step + 1 == total_steps
-        if val_set and ((args.eval_every and (step + 1) % args.eval_every == 0) or last):
-            record |= evaluate(model, val_set, pad, V, args.micro_batch, device, amp)
+        record |= {f"loss_{s}": (sums[i] / counts[i]).item() if counts[i] else None for i, s in enumerate(mote.STEPS)}
+        last = iter_num + 1 == total_iters
+        if val_set and ((args.eval_every and (iter_num + 1) % args.eval_every == 0) or last):
+            record |= evaluate(model, val_set, pad, V, args.micro_batch, device, dtype)
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         bar.set_postfix({k[5:] if k.startswith("loss_") else k: f"{v:.3f}" for k, v in record.items()
                          if k.startswith("loss_") and v is not None} | {"tok/s": f"{record['tokens_per_s']:.0f}"})
-        if (step + 1) % args.save_every == 0 or last:
-            save_checkpoint(ckpt, model, opt, rng, step + 1, config)
+        if (iter_num + 1) % args.save_every == 0 or last:
+            save_checkpoint(ckpt, model, opt, rng, iter_num + 1, config)
     mote.save_adapters(model, os.path.join(args.out, "adapters.safetensors"))
     final = json.loads(open(log_path).read().splitlines()[-1]) if os.path.exists(log_path) else {}
     print("final:", {k: round(v, 4) for k, v in final.items() if k.startswith(("loss", "val_")) and v is not None})

@@ -205,7 +205,7 @@ def test_ablation_variants_run_and_save(routing, shared, tmp_path):
     tokens = chain()
     out = model(tokens, route=mote.route(mote.token_steps(tokens, V), torch.tensor([0])))
     assert torch.isfinite(out).all()
-    assert (mote.balance_loss(model) > 0) == (routing == "token")
+    assert (mote.balance_loss(model, torch.ones_like(tokens, dtype=torch.bool)) > 0) == (routing == "token")
     mote.save_adapters(model, str(tmp_path / "a.safetensors"))
 
 

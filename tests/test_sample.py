@@ -21,6 +21,7 @@ class MarkerHappyModel(torch.nn.Module):
         super().__init__()
         self.args = ModelArgs.preset("tiny")
         self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.dtype = torch.float32
         self.routes, self.seen = [], []
 
     def forward(self, tokens, positions=None, mask=None, cache=None, route=None):
@@ -122,10 +123,10 @@ def test_merged_experts_decode_like_routed_ones():
 
 def test_sampling_is_seeded_and_top_p_keeps_the_head():
     logits = torch.tensor([[4.0, 3.0, 0.0, -2.0]])
-    g = lambda: torch.Generator().manual_seed(0)
+    g = lambda n=1: [torch.Generator().manual_seed(i) for i in range(n)]
     draws = [pick(logits, 1.0, 0.5, g()).item() for _ in range(5)]
     assert draws == [0] * 5  # p(0) = 0.70 > top_p: only token 0 survives
-    a = [pick(logits.expand(64, 4), 1.0, 1.0, g()) for _ in range(2)]
+    a = [pick(logits.expand(64, 4), 1.0, 1.0, g(64)) for _ in range(2)]
     assert torch.equal(a[0], a[1]) and len(set(a[0].tolist())) > 1
     assert pick(logits, 0.0, 0.9).item() == 0
 

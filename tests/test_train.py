@@ -38,9 +38,9 @@ def run(setup, out, *extra):
 
 
 def test_validation_loss_falls(setup):
-    log = run(setup, "falls", "--max-steps", "20")
+    log = run(setup, "falls", "--max-iters", "20")
     before, after = log[0], log[-1]
-    assert before["step"] == 0 and after["step"] == 20
+    assert before["iter"] == 0 and after["iter"] == 20
     assert after["val_loss"] < before["val_loss"] - 0.5, (before, after)
     for kind in ("analysis", "guidance", "response"):
         assert after[f"val_{kind}"] < before[f"val_{kind}"]
@@ -48,7 +48,7 @@ def test_validation_loss_falls(setup):
 
 
 def test_resume_continues_the_same_run(setup, monkeypatch):
-    straight = run(setup, "straight", "--max-steps", "6", "--save-every", "3")
+    straight = run(setup, "straight", "--max-iters", "6", "--save-every", "3")
     original = train.save_checkpoint
 
     def crash_after_first_checkpoint(*args):
@@ -57,15 +57,15 @@ def test_resume_continues_the_same_run(setup, monkeypatch):
 
     monkeypatch.setattr(train, "save_checkpoint", crash_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
-        run(setup, "resumed", "--max-steps", "6", "--save-every", "3")
+        run(setup, "resumed", "--max-iters", "6", "--save-every", "3")
     monkeypatch.setattr(train, "save_checkpoint", original)
-    resumed = run(setup, "resumed", "--max-steps", "6", "--save-every", "3", "--resume")
+    resumed = run(setup, "resumed", "--max-iters", "6", "--save-every", "3", "--resume")
     # equal to fp32 precision: two runs of the same process can differ in the last bits (the CPU
     # matmul kernels depend on how buffers happen to be aligned), so compare to 1e-6, not bit for bit
-    assert [r["step"] for r in resumed] == [r["step"] for r in straight] == list(range(7))
+    assert [r["iter"] for r in resumed] == [r["iter"] for r in straight] == list(range(7))
     for a, b in zip(resumed, straight):
         for key in a.keys() - {"tokens_per_s"}:
-            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["iter"], key)
 
 
 @pytest.mark.parametrize("flags,n_experts,routing", [
@@ -73,7 +73,7 @@ def test_resume_continues_the_same_run(setup, monkeypatch):
     (["--no-shared"], 3, "step"), (["--skip-p", "0"], 4, "step")])
 def test_ablation_switches(setup, flags, n_experts, routing):
     out = "ablation-" + "-".join(f.strip("-") for f in flags)
-    log = run(setup, out, "--max-steps", "1", *flags)
+    log = run(setup, out, "--max-iters", "1", *flags)
     assert torch.isfinite(torch.tensor(log[-1]["loss"]))
     base = Transformer.from_pretrained(str(setup / "tiny.safetensors"))
     model = mote.load_adapters(base, str(setup / out / "adapters.safetensors"))
