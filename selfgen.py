@@ -224,6 +224,8 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.2, help="0: greedy (SmolLM2's card suggests 0.2)")
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="the model's dtype; auto: bf16 on CUDA, fp32 on CPU")
     args = p.parse_args(argv)
     try:
         questions = read_questions(args.questions)
@@ -232,7 +234,7 @@ def main(argv=None):
     kept, n_heldout = generation_questions(questions, args.limit)
     print(f"questions: {len(questions)}, held out for evaluation: {n_heldout}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok = sample.load(args.base, None, device)
+    model, tok = sample.load(args.base, None, device, args.dtype)
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
     def generate_fn(prompts):

@@ -128,7 +128,8 @@ def run_evaluate(tiny, out, *extra):
     assert json.loads((out / "summary.json").read_text()) == summary
     assert len(records) == 3 and all(selfgen.heldout(r["prompt"]) for r in records)
     s = summary["sets"]["hh"]
-    assert s["label"] == "harmful" and s["n"] == 3 and s["refusal_rate"] + s["compliance_rate"] == 1
+    assert s["label"] == "harmful" and s["n"] == 3
+    assert s["compliance_rate"] == sum(not r["refusal"] and r["response"] != "" for r in records) / 3
     assert s["mean_tokens"] == sum(r["n_tokens"] for r in records) / 3 <= 6
     assert summary["overall"]["harmful_refusal_rate"] == s["refusal_rate"]
     return summary, records
