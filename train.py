@@ -171,7 +171,7 @@ def train_iteration(model, chains, base_vocab, pad_id, micro_batch, question_exp
     return sums, counts, n_tokens
 
 
-RESUME_FREE = ("resume", "save_every", "eval_every")  # flags a resumed run may change
+RESUME_FREE = ("resume", "save_every", "eval_every", "expert_config")  # may change (expert_config: from the flags)
 
 
 def check_resume(saved: dict, config: dict):

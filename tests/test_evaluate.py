@@ -147,3 +147,12 @@ def test_end_to_end_adapters(tiny, tmp_path):
     assert summary["path"] == "answer" and s["step_share"] == {"analysis": 0.0, "guidance": 0.0, "response": 1.0}
     assert list(s["paths"]) == ["response"] and s["paths"]["response"]["n"] == 3
     assert all(r["completion"].startswith("<|response|>") and "<|" not in r["response"] for r in records)
+
+
+def test_an_empty_or_never_reached_response_is_not_compliance():
+    records = [{"refusal": False, "empty_response": True, "n_tokens": 256},   # the budget ran out before <|response|>
+               {"refusal": False, "empty_response": False, "n_tokens": 40},  # an answer
+               {"refusal": True, "empty_response": False, "n_tokens": 20}]   # a refusal
+    r = evaluate.rates(records)
+    assert r["compliance_rate"] == pytest.approx(1 / 3) and r["refusal_rate"] == pytest.approx(1 / 3)
+    assert r["empty_response_rate"] == pytest.approx(1 / 3)

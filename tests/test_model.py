@@ -171,3 +171,29 @@ def test_loader_errors_name_what_is_wrong(tmp_path):
         Transformer.from_pretrained(str(garbage))
     with pytest.raises(CheckpointError, match="no checkpoint at .*weights load only from safetensors"):
         Transformer.from_pretrained(str(tmp_path / "consolidated.00.pth"))
+
+
+LLAMA31_8B_PARAMS = {"dim": 4096, "ffn_dim_multiplier": 1.3, "multiple_of": 1024, "n_heads": 32, "n_kv_heads": 8,
+                     "n_layers": 32, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True,
+                     "vocab_size": 128256}  # Meta's params.json of Llama 3.1 8B, as published
+
+
+def test_meta_params_json_gives_the_presets():
+    assert ModelArgs.from_meta_params(LLAMA31_8B_PARAMS) == ModelArgs.preset("llama31-8b")
+    llama3 = {k: v for k, v in LLAMA31_8B_PARAMS.items() if k != "use_scaled_rope"}  # Llama 3.0 8B
+    assert ModelArgs.from_meta_params(llama3) == ModelArgs.preset("llama3-8b")
+    named = ModelArgs.from_meta_params(LLAMA31_8B_PARAMS | {"rope_scaling_factor": 32.0})  # a file that names it
+    assert named.rope_factor == 32.0 and named.rope_high_freq_factor == 4.0
+
+
+def test_a_config_less_file_whose_shapes_fit_two_presets_is_an_error(tmp_path, monkeypatch, capsys):
+    """Like Llama 3.0 and 3.1 8B (same shapes, different RoPE): the loader names both, assumes neither."""
+    import model as model_module
+    model = random_model()
+    path = tmp_path / "bare.safetensors"
+    save_file({"model." + k: v for k, v in model.state_dict().items()}, path)
+    Transformer.from_pretrained(str(path))
+    assert "assumed preset 'tiny' from its shapes" in capsys.readouterr().err
+    monkeypatch.setitem(model_module.PRESETS, "tiny-long", replace(ModelArgs.preset("tiny"), rope_factor=8.0))
+    with pytest.raises(CheckpointError, match="fit presets tiny and tiny-long.*config.json or params.json"):
+        Transformer.from_pretrained(str(path))

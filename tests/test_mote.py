@@ -229,3 +229,56 @@ def test_all_drop_patterns_cover_every_shortened_chain():
         kept = ~(dropped.gather(1, steps.clamp(min=0)) & (steps != mote.QUESTION))
         seen.add(tuple(chain()[kept].tolist()))
     assert len(seen) == 4
+
+
+# ---- the vectorised one-liners against plain loops ---------------------------------------------------
+
+def loop_token_steps(ids: list) -> list:
+    """token_steps, read token by token: a start marker opens its step, every later token (its end
+    marker too) belongs to the step opened last; before any start marker: QUESTION."""
+    step, out = mote.QUESTION, []
+    for t in ids:
+        if t in (A, G, R):
+            step = (A, G, R).index(t)
+        out.append(step)
+    return out
+
+
+def loop_skip_targets(targets: list, steps: list, dropped: list) -> list:
+    """skip_targets, token by token: a kept token predicts the token after the next kept token
+    (-100 when none is left); a token of a dropped step keeps its own target."""
+    kept = [s == mote.QUESTION or not dropped[s] for s in steps]
+    out = []
+    for t in range(len(targets)):
+        if not kept[t]:
+            out.append(targets[t])
+            continue
+        nxt = next((u for u in range(t + 1, len(targets)) if kept[u]), None)
+        out.append(-100 if nxt is None else targets[nxt - 1])
+    return out
+
+
+def random_chains(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        parts = [None if torch.rand(1, generator=g) < 0.4 else tuple(range(int(torch.randint(0, 4, (1,), generator=g))))
+                 for _ in range(2)]
+        ids = chain(question=range(int(torch.randint(1, 5, (1,), generator=g))), analysis=parts[0], guidance=parts[1])[0]
+        yield ids[: int(torch.randint(1, len(ids) + 1, (1,), generator=g))]  # generated prefixes too
+
+
+def test_token_steps_equals_the_loop():
+    for ids in random_chains(300):
+        assert mote.token_steps(ids[None], V)[0].tolist() == loop_token_steps(ids.tolist())
+
+
+def test_skip_targets_equals_the_loop():
+    g = torch.Generator().manual_seed(1)
+    for ids in random_chains(300, seed=2):
+        steps = mote.token_steps(ids[None], V)
+        targets = torch.cat([ids[1:], torch.tensor([-100])])[None]
+        targets[0, torch.rand(len(ids), generator=g) < 0.2] = -100
+        dropped = torch.rand(1, 3, generator=g) < 0.5
+        dropped[0, 2] = False
+        assert mote.skip_targets(targets, steps, dropped)[0].tolist() == \
+            loop_skip_targets(targets[0].tolist(), steps[0].tolist(), dropped[0].tolist())

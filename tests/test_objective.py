@@ -42,6 +42,7 @@ def tiny_model(seed=0, **cfg):
         for b in mote.banks(model):
             b.B.normal_(0, 0.3)
         model.embed_tokens.new.normal_(0, 1.0)
+        model.lm_head.new.normal_(0, 1.0)  # distinct marker logits: a wrong marker target must cost
     return model
 
 

@@ -162,3 +162,23 @@ def test_prompts_file_to_jsonl_end_to_end(tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "experts.jsonl")]
     assert [set(r) >= {"analysis", "guidance", "response"} for r in records] == [True, True]
     assert all(r["n_tokens"] == 12 for r in records)  # <a> x x </a> <g> x x </g> <r> x x </r>
+
+
+@pytest.mark.parametrize("experts", [False, True])
+def test_a_rows_sample_does_not_depend_on_its_batch(experts):
+    """Sampling (temperature > 0) draws each row from its own generator, seeded by the prompt: alone,
+    in a batch, or at another place in the batch, a prompt gets the same sample."""
+    model = tiny_with_experts() if experts else Transformer(ModelArgs.preset("tiny")).eval()
+    kw = dict(stop_ids=[STOP], max_new_tokens=12, experts=experts, temperature=1.0, top_p=1.0, seed=3)
+    prompts = [[5, 6, 7], [8, 9, 10, 11], [15]]
+    alone = [generate(model, [p], **kw)[0] for p in prompts]
+    assert generate(model, prompts, **kw) == alone
+    assert generate(model, prompts[::-1], **kw) == alone[::-1]
+    assert generate(model, [prompts[0]], **kw | {"seed": 4})[0] != alone[0]
+
+
+def test_a_prompt_longer_than_the_context_is_a_clear_error():
+    model = Transformer(ModelArgs.preset("tiny")).eval()  # context: 1024 tokens
+    with pytest.raises(ValueError, match="1024 tokens does not fit the model's context"):
+        generate(model, [[5] * 1024], [STOP], max_new_tokens=4)
+    assert len(generate(model, [[5] * 1020], [], max_new_tokens=10)[0]) == 4  # stops at the context's end

@@ -66,6 +66,14 @@ def test_resume_continues_the_same_run(setup, monkeypatch):
     for a, b in zip(resumed, straight):
         for key in a.keys() - {"tokens_per_s"}:
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["iter"], key)
+    with pytest.raises(SystemExit, match=r"--resume with flags that differ from the checkpoint's: "
+                                         r"--lr 0.003 -> 0.01; --routing 'step' -> 'token' \(resume"):
+        run(setup, "resumed", "--max-iters", "6", "--save-every", "3", "--resume", "--lr", "1e-2", "--routing", "token")
+
+
+def test_max_len_beyond_the_context_is_a_clear_error(setup):
+    with pytest.raises(SystemExit, match=r"--max-len 2000 is longer than the model's context \(1024 tokens\)"):
+        run(setup, "long", "--max-len", "2000")
 
 
 @pytest.mark.parametrize("flags,n_experts,routing", [
