@@ -157,10 +157,26 @@ def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
 
 
 def rope_cos_sin(freqs: torch.Tensor, positions: torch.Tensor, dtype):
-    """positions (B, T) -> cos, sin (B, 1, T, head_dim): each token rotates by its own position."""
-    angles = positions[..., None].float() * freqs  # (B, T, hd/2), in fp32 like the reference
+    """positions (B, T) -> cos, sin (B, 1, T, head_dim): each token rotates by its own position.
+    Angles in fp32 (positions up to 128k need it), then rounded to dtype."""
+    angles = positions[..., None].float() * freqs  # (B, T, hd/2)
     angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, hd)
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+class RoPETable:
+    """cos and sin of every position of the context, computed once per device (rope_cos_sin on
+    0 .. max_seq_len - 1, in fp32) and looked up per forward: the same values, none recomputed."""
+
+    def __init__(self, args: ModelArgs):
+        self.args, self.cos, self.sin = args, None, None
+
+    def __call__(self, positions, dtype):
+        """positions (B, T) -> cos, sin (B, 1, T, head_dim) in dtype."""
+        if self.cos is None or self.cos.device != positions.device:
+            every = torch.arange(self.args.max_seq_len, device=positions.device)[None]
+            self.cos, self.sin = rope_cos_sin(rope_frequencies(self.args, positions.device), every, torch.float32)
+        return self.cos[0, 0, positions][:, None].to(dtype), self.sin[0, 0, positions][:, None].to(dtype)
 
 
 def apply_rope(x, cos, sin):
@@ -194,7 +210,9 @@ class KVCache:
     """A static key/value cache: one preallocated buffer for every layer (as in gpt-fast).
 
     k, v: (n_layers, B, n_kv_heads, max_len, head_dim). `length` slots are filled; a forward pass
-    with T new tokens writes slots [length, length + T) in every layer, then advances length."""
+    with T new tokens writes slots [length, length + T) in every layer, then advances length.
+    Attention always runs over all max_len slots, with a mask hiding the empty ones: every decoding
+    step then has the same shapes, so no kernel is re-planned as the sequence grows."""
 
     def __init__(self, args: ModelArgs, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         shape = (args.n_layers, batch_size, args.n_kv_heads, max_len, args.head_dim)
@@ -202,14 +220,18 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
 
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
     def update(self, layer: int, k, v):
-        """Store this layer's new keys/values (B, n_kv, T, hd); return all keys/values so far."""
+        """Store this layer's new keys/values (B, n_kv, T, hd); return every slot (B, n_kv, max_len, hd)."""
         end = self.length + k.shape[2]
-        if end > self.k.shape[3]:
-            raise ValueError(f"KV cache full: {end} tokens > max_len {self.k.shape[3]}")
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} tokens > max_len {self.max_len}")
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        return self.k[layer], self.v[layer]
 
 
 class Attention(nn.Module):
@@ -230,8 +252,9 @@ class Attention(nn.Module):
         v = self.v_proj(x, route).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, hd), S = cached + T
-        # mask: None = plain causal; else bool (B, T, S), True where query t may attend key s
+            k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, hd), S = the cache's max_len
+        # mask: None = plain causal over these T tokens (no cache); else bool (B, T, S), True where
+        # query t may attend key s
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
                                            is_causal=mask is None, enable_gqa=self.n_heads != self.n_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1), route)
@@ -263,13 +286,13 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x), route)
 
 
-def causal_mask(T: int, S: int, device=None) -> torch.Tensor:
-    """(T, S) bool: the T newest of S tokens each see every token up to and including itself.
+def causal_mask(T: int, S: int, start: int = 0, device=None) -> torch.Tensor:
+    """(T, S) bool: T new tokens written at slots start .. start + T - 1 of S key slots each see
+    every slot up to and including their own (the slots after them are empty or in their future):
 
-    With a KV cache holding S - T earlier tokens, query t sits at absolute index S - T + t:
-        S=5, T=2:  [[1 1 1 1 0],
-                    [1 1 1 1 1]]"""
-    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)
+        T=2, S=6, start=3:  [[1 1 1 1 0 0],      slot 3 sees 0..3
+                             [1 1 1 1 1 0]]      slot 4 sees 0..4"""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=start)
 
 
 class Transformer(nn.Module):
@@ -285,6 +308,7 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.checkpointing = False  # recompute each block in the backward pass (activation checkpointing)
+        self.rope = RoPETable(args)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -295,19 +319,20 @@ class Transformer(nn.Module):
         """tokens (B, T) -> final hidden states (B, T, dim), before the output head.
 
         positions: (B, T) int, default 0.. T-1 (offset by the cache length when decoding).
-        mask: (B, T, S) or (T, S) bool, True = may attend; S = cached tokens + T. Default causal.
+        mask: (B, T, S) or (T, S) bool, True = may attend. Without a cache S = T, and None means
+        causal (no mask is built: attention takes its causal fast path). With a cache S is the
+        cache's max_len (KVCache) and None means causal over the filled slots.
         cache: a KVCache, filled in place. route: (B, T) expert index per token (mote.route)."""
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-        if mask is None and cache is not None and start > 0:
-            mask = causal_mask(T, start + T, tokens.device)
+        if mask is None and cache is not None:
+            mask = causal_mask(T, cache.max_len, start, tokens.device)
         if mask is not None and mask.dim() == 2:
             mask = mask.expand(B, -1, -1)
         x = self.embed_tokens(tokens)  # (B, T, dim)
-        # angles in fp32 (positions up to 128k need it), cos and sin then rounded to the model's dtype
-        cos, sin = rope_cos_sin(rope_frequencies(self.args, tokens.device), positions, x.dtype)
+        cos, sin = self.rope(positions, x.dtype)
         for layer in self.layers:
             if self.checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, route, use_reentrant=False)

@@ -11,11 +11,13 @@ the active expert to guidance, and so on, until <|/response|> ends the answer (M
 markers of question -> answer, question -> analysis -> answer, and the full chain.
 """
 import argparse
+import codecs
 import hashlib
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -48,86 +50,107 @@ def row_generators(prompts: list, seed: int, device) -> list:
     return [torch.Generator(device=device).manual_seed(int.from_bytes(d[:8], "little") >> 1) for d in digests]
 
 
-def step_grammar(generated: list, path, base_vocab: int, max_step_tokens: int = 0):
+@dataclass
+class ChainState:
+    """What the sampler knows of one row's chain, updated in O(1) per token (advance): the grammar
+    never rescans what was generated."""
+    step: int = mote.QUESTION  # the step of the last token (mote.token_steps)
+    inside: bool = False  # a step is open: its start marker came, its end marker not yet
+    n_text: int = 0  # text tokens in the open step
+
+    def advance(self, token: int, base_vocab: int):
+        if token < base_vocab:
+            self.n_text += 1
+            return
+        self.step, self.inside, self.n_text = (token - base_vocab) // 2, (token - base_vocab) % 2 == 0, 0
+
+    @property
+    def ended(self) -> bool:  # <|/response|> came
+        return self.step == mote.STEPS.index("response") and not self.inside
+
+
+def step_grammar(chain: ChainState, path, base_vocab: int, max_step_tokens: int = 0):
     """Which markers may come next in a row, and whether plain text may (the chain's grammar):
     first a start marker; inside step s, text or s's end marker (only the end marker once the step
     has max_step_tokens tokens, if that is set); after an end marker, the start marker of a later
     step (auto: any later one, a forced path: its next one). -> (markers, text_ok), or None when
     the response has ended."""
-    marker_at = [i for i, t in enumerate(generated) if t >= base_vocab]
-    order = PATHS[path] or (0, 1, 2)
-    if not marker_at:
-        return ([mote.start_marker(base_vocab, s) for s in order] if path == "auto" else
-                [mote.start_marker(base_vocab, order[0])]), False
-    last = generated[marker_at[-1]]
-    step, is_start = (last - base_vocab) // 2, (last - base_vocab) % 2 == 0
-    if is_start:
-        full = max_step_tokens and len(generated) - 1 - marker_at[-1] >= max_step_tokens
-        return [mote.end_marker(base_vocab, step)], not full
-    later = [s for s in order if s > step]
-    if step == 2 or not later:
+    if chain.ended:
         return None
-    return ([mote.start_marker(base_vocab, s) for s in later] if path == "auto" else
-            [mote.start_marker(base_vocab, later[0])]), False
+    if chain.inside:
+        return [mote.end_marker(base_vocab, chain.step)], not (max_step_tokens and chain.n_text >= max_step_tokens)
+    later = [s for s in PATHS[path] or (0, 1, 2) if s > chain.step]  # QUESTION (-1): every step is later
+    return [mote.start_marker(base_vocab, s) for s in (later if path == "auto" else later[:1])], False
 
 
 @torch.no_grad()
 def generate(model, prompts: list, stop_ids, max_new_tokens=256, experts=False, path="auto",
              temperature=0.0, top_p=1.0, seed=0, merge=False, on_token=None, max_step_tokens=0):
-    """Batched decoding with a KV cache. prompts: lists of ids -> lists of generated ids; a row ends
-    at one of stop_ids (none: exactly max_new_tokens) or, with experts, after <|/response|>.
+    """Batched decoding with a static KV cache. prompts: lists of ids -> lists of generated ids; a
+    row ends at one of stop_ids (none: exactly max_new_tokens) or, with experts, after <|/response|>.
 
     Prompts are left-padded; padding is masked out of attention and positions start at each
     prompt's first token, so a row decodes exactly as it would alone (and samples from its own
-    generator). With experts=True each new token is routed by mote.token_steps over the row so far
-    and the step grammar is enforced; merge=True (one row, mergeable experts: not token-gated) folds
-    the active experts into the weights at every step change. Generation stops at the model's context."""
+    generator). With experts=True each new token is routed to the expert of its step
+    (mote.next_steps) and the step grammar is enforced; merge=True (one row, mergeable experts: not
+    token-gated) folds the active experts into the weights at every step change. Every decoding
+    step has the same shapes (KVCache) and one host sync (the new ids). Generation stops at the
+    model's context. on_token(row, token, step) is called for each new token (step: its reasoning
+    step, or None without experts)."""
     device = next(model.parameters()).device
     V, context = model.args.vocab_size, model.args.max_seq_len
     B, L = len(prompts), max(len(p) for p in prompts)
     if L >= context:
         raise ValueError(f"a prompt of {L} tokens does not fit the model's context ({context} tokens)")
     max_new_tokens = min(max_new_tokens, context - L)
-    history = torch.full((B, L), stop_ids[0] if stop_ids else 0, dtype=torch.long, device=device)  # left padding
-    valid = torch.zeros(B, L, dtype=torch.bool, device=device)
+    S = L + max_new_tokens  # every slot of the cache
+    tokens = torch.full((B, L), stop_ids[0] if stop_ids else 0, dtype=torch.long, device=device)  # left padding
+    # valid (B, S): the slots a query may attend: a row's prompt tokens, then each token once written
+    valid = torch.zeros(B, S, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
-        history[i, L - len(p):], valid[i, L - len(p):] = torch.tensor(p), True
-    cache = KVCache(model.args, B, L + max_new_tokens, device, model.dtype)
-    positions = (valid.cumsum(-1) - 1).clamp(min=0)
-    mask = causal_mask(L, L, device) & valid[:, None, :] | torch.eye(L, dtype=torch.bool, device=device)
+        tokens[i, L - len(p):], valid[i, L - len(p):L] = torch.tensor(p), True
+    cache = KVCache(model.args, B, S, device, model.dtype)
+    positions = (valid[:, :L].cumsum(-1) - 1).clamp(min=0)  # (B, L): 0 at each prompt's first token
+    # prefill mask (B, L, S): causal over the prompt, padding hidden; a padding query sees itself
+    mask = causal_mask(L, S, 0, device) & valid[:, None, :] | torch.eye(L, S, dtype=torch.bool, device=device)
     question_expert = torch.full((B,), mote.INFERENCE_QUESTION_EXPERT, device=device)
     generators = row_generators(prompts, seed, device) if temperature > 0 else None
     merge = merge and experts and B == 1 and mote.mergeable(model)
-    merged = [None]
+    steps = mote.token_steps(tokens, V)  # (B, L), then (B,): the step of each row's last token
+    chains = [ChainState(step=s) for s in steps[:, -1].tolist()]
+    merged = None  # the expert folded into the weights (merge=True)
 
-    def forward(tokens, history, positions, mask):
-        route = None
-        if experts:  # each new token's expert, read from the markers of its row so far
-            route = mote.route(mote.token_steps(history, V)[:, -tokens.shape[1]:], question_expert)
-            if merge and route[0, -1].item() != merged[0]:  # a step starts: fold its expert into W0
-                merged[0] = route[0, -1].item()
-                mote.merge_step(model, merged[0])
+    def forward(tokens, steps, positions, mask):
+        nonlocal merged
+        route = mote.route(steps, question_expert) if experts else None  # each new token's expert
+        expert = mote.INFERENCE_QUESTION_EXPERT if chains[0].step == mote.QUESTION else chains[0].step
+        if merge and expert != merged:  # a step starts: fold its experts into the weights
+            merged = expert
+            mote.merge_step(model, merged)
         return model(tokens, positions=positions, mask=mask, cache=cache, route=route)[:, -1].float()
 
-    logits = forward(history, history, positions, mask)  # prefill
+    logits = forward(tokens, steps, positions, mask)  # prefill
+    steps = steps[:, -1]
     out, done = [[] for _ in range(B)], [False] * B
     for t in range(max_new_tokens):
         if experts:
-            logits = constrain(logits, [step_grammar(o, path, V, max_step_tokens) for o in out], V, stop_ids)
+            logits = constrain(logits, [step_grammar(c, path, V, max_step_tokens) for c in chains], V, stop_ids)
         nxt = pick(logits, temperature, top_p, generators)
-        for i in range(B):
-            if not done[i]:
-                out[i].append(nxt[i].item())
-                if on_token:
-                    on_token(i, out[i])
-                done[i] = out[i][-1] in stop_ids or (experts and step_grammar(out[i], path, V) is None)
+        for i, token in enumerate(nxt.tolist()):  # the step's one host sync
+            if done[i]:
+                continue
+            out[i].append(token)
+            chains[i].advance(token, V)
+            if on_token:
+                on_token(i, token, chains[i].step if experts else None)
+            done[i] = token in stop_ids or (experts and chains[i].ended)
         if all(done) or t == max_new_tokens - 1:
             break
-        history = torch.cat([history, nxt[:, None]], dim=1)
-        valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
+        steps = mote.next_steps(steps, nxt, V)
+        valid[:, L + t] = True  # the new token's slot
         positions = positions[:, -1:] + 1
-        logits = forward(nxt[:, None], history, positions, valid[:, None, :])
-    if merged[0] is not None:
+        logits = forward(nxt[:, None], steps[:, None], positions, valid[:, None, :])
+    if merged is not None:
         mote.merge_step(model, None)
     return out
 
@@ -148,18 +171,23 @@ def generate_batches(model, tok, prompts: list, batch_size: int, bar=None, **gen
 
 def constrain(logits, grammars, base_vocab, stop_ids):
     """Set to -inf the logits of tokens the step grammar forbids in each row (B, V + 6). A chain
-    ends with <|/response|>, so a stop token (end of turn) is never allowed inside it."""
+    ends with <|/response|>, so a stop token (end of turn) is never allowed inside it. Broken
+    experts cannot break the grammar: NaN scores count as -inf, +inf as the largest float, and a
+    row whose allowed tokens all score -inf gets them at 0 (greedy then takes the first of them)."""
+    allowed = torch.ones_like(logits, dtype=torch.bool)
     for i, grammar in enumerate(grammars):
-        if grammar is None:
+        if grammar is None:  # the chain has ended: the row is done
             continue
-        allowed, text_ok = grammar
-        keep = logits[i, allowed].clone()
-        logits[i, base_vocab:] = float("-inf")
-        logits[i, stop_ids] = float("-inf")
-        if not text_ok:
-            logits[i, :base_vocab] = float("-inf")
-        logits[i, allowed] = keep
-    return logits
+        markers, text_ok = grammar
+        allowed[i] = False
+        allowed[i, markers] = True
+        if text_ok:
+            allowed[i, :base_vocab] = True
+            allowed[i, stop_ids] = False
+    logits = logits.nan_to_num(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    dead = torch.isinf(logits).all(-1, keepdim=True)  # (B, 1): nothing allowed scores above -inf
+    return torch.where(dead & allowed, 0.0, logits)
 
 
 def split_steps(tokens: list, base_vocab: int, stop_ids=()) -> dict:
@@ -170,27 +198,25 @@ def split_steps(tokens: list, base_vocab: int, stop_ids=()) -> dict:
 
 
 class Streamer:
-    """Prints row 0 as it is generated, with a label (and on a TTY a colour) for each step's expert."""
+    """Prints row 0 as it is generated, with a label (and on a TTY a colour) for each step's expert.
+    Decodes incrementally: a token's bytes go through a UTF-8 decoder that holds back a partly
+    generated character, so each token costs the same however long the answer is."""
 
     def __init__(self, tok, base_vocab, experts):
         self.tok, self.V, self.experts = tok, base_vocab, experts
-        self.step, self.span, self.shown, self.tty = None, [], "", sys.stdout.isatty()
+        self.step, self.tty = "start", sys.stdout.isatty()
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def __call__(self, row, generated):
+    def __call__(self, row, token, step):
         if row != 0:
             return
-        step = mote.token_steps(torch.tensor([generated]), self.V)[0, -1].item() if self.experts else None
-        if step != self.step:  # the next expert takes over: label its span
-            self.step, self.span, self.shown = step, [], ""
+        if step != self.step and self.experts:  # the next expert takes over: label its span
+            self.step = step
             label = f"[{mote.STEPS[step]} expert]"
             print(f"\n{COLOURS[step]}{label}\033[0m " if self.tty else f"\n{label} ", end="", flush=True)
-        if generated[-1] < self.V and generated[-1] not in self.tok.stop_ids:
-            self.span.append(generated[-1])
-        text = self.tok.decode(self.span)
-        if not text.endswith("\ufffd"):  # hold back a partly generated UTF-8 character
-            new = text[len(self.shown):]
+        if token < self.V and token not in self.tok.stop_ids:
+            new = self.utf8.decode(self.tok.decode_bytes([token]))
             print(COLOURS[step] + new + "\033[0m" if self.tty and self.experts else new, end="", flush=True)
-            self.shown = text
 
 
 def load(base: str | None, adapters: str | None, device: str, dtype: str = "auto"):

@@ -109,6 +109,10 @@ class Tokenizer:
                                              special_tokens={})
         return [i for i in self._filled.encode_ordinary(text) if i <= top]
 
+    def decode_bytes(self, ids) -> bytes:
+        """ids -> their raw bytes (a token may hold part of a UTF-8 character)."""
+        return self.enc.decode_bytes([int(i) for i in ids])
+
     def decode(self, ids) -> str:
         """ids (any iterable of ints, a tensor too) -> text; invalid UTF-8 becomes U+FFFD."""
         return self.enc.decode([int(i) for i in ids])

@@ -110,7 +110,9 @@ def chain_loss(model, batch, base_vocab, question_expert, dropped):
     mote.draw_drops); pass INFERENCE_QUESTION_EXPERT and no drops to evaluate."""
     tokens, _, valid = batch
     steps, targets = pass_targets(batch, base_vocab, dropped)
-    mask, positions = mote.skip_mask(steps, dropped, valid)
+    mask = positions = None  # nothing dropped: plain causal attention (its fast path); right padding
+    if dropped.any():        # comes after every real token, so no real token can see it
+        mask, positions = mote.skip_mask(steps, dropped, valid)
     hidden = model.hidden(tokens, positions=positions, mask=mask, route=mote.route(steps, question_expert))
     # a loss counts to the step of the token it predicts: a start marker to the step it opens
     opened = mote.token_steps(targets.clamp(min=0)[..., None], base_vocab)[..., 0]

@@ -100,7 +100,17 @@ def test_explicit_causal_mask_and_positions_equal_the_defaults():
     tokens = torch.randint(0, 264, (2, 12))
     explicit = model(tokens, positions=torch.arange(12).expand(2, 12), mask=causal_mask(12, 12))
     torch.testing.assert_close(explicit, model(tokens), atol=1e-6, rtol=1e-6)
-    assert causal_mask(2, 5).tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    assert causal_mask(2, 6, start=3).tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]]
+
+
+def test_rope_table_equals_computing_the_angles():
+    from model import rope_cos_sin, rope_frequencies
+    args = replace(ModelArgs.preset("tiny"), rope_factor=8.0, rope_original_context=16)
+    model = Transformer(args)
+    positions = torch.tensor([[0, 5, 1023], [7, 7, 100]])
+    for dtype in (torch.float32, torch.bfloat16):
+        for got, want in zip(model.rope(positions, dtype), rope_cos_sin(rope_frequencies(args), positions, dtype)):
+            assert torch.equal(got, want)
 
 
 def test_rope_sees_only_relative_positions():

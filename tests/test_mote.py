@@ -282,3 +282,12 @@ def test_skip_targets_equals_the_loop():
         dropped[0, 2] = False
         assert mote.skip_targets(targets, steps, dropped)[0].tolist() == \
             loop_skip_targets(targets[0].tolist(), steps[0].tolist(), dropped[0].tolist())
+
+
+def test_next_steps_equals_token_steps_one_token_at_a_time():
+    for ids in random_chains(200, seed=3):
+        steps, last = [], torch.tensor([mote.QUESTION])
+        for t in ids:
+            last = mote.next_steps(last, t[None], V)
+            steps.append(int(last))
+        assert steps == mote.token_steps(ids[None], V)[0].tolist()

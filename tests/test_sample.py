@@ -182,3 +182,25 @@ def test_a_prompt_longer_than_the_context_is_a_clear_error():
     with pytest.raises(ValueError, match="1024 tokens does not fit the model's context"):
         generate(model, [[5] * 1024], [STOP], max_new_tokens=4)
     assert len(generate(model, [[5] * 1020], [], max_new_tokens=10)[0]) == 4  # stops at the context's end
+
+
+class BrokenModel(MarkerHappyModel):
+    """Broken experts: every score NaN (or +inf), as from adapters trained into NaN."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, tokens, positions=None, mask=None, cache=None, route=None):
+        return torch.full_like(super().forward(tokens, positions, mask, cache, route), self.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_broken_experts_cannot_break_the_step_grammar(value, temperature):
+    out = generate(BrokenModel(value), [[1, 2, 3]], [STOP], max_new_tokens=40, experts=True, path="auto",
+                   temperature=temperature, max_step_tokens=2)[0]
+    markers = [t for t in out if t >= V]
+    assert markers[-1] == R_ and STOP not in out and len(markers) % 2 == 0
+    assert all(b == a + 1 and a % 2 == V % 2 for a, b in zip(markers[::2], markers[1::2]))  # each step closes itself
+    assert all(n <= 2 for n in map(len, split_steps(out, V).values()))
