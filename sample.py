@@ -83,6 +83,29 @@ def step_grammar(chain: ChainState, path, base_vocab: int, max_step_tokens: int 
     return [mote.start_marker(base_vocab, s) for s in (later if path == "auto" else later[:1])], False
 
 
+def left_padded(prompts: list, S: int, pad_id: int, device):
+    """A batch of prompts, left-padded to the longest (L tokens), for a cache of S slots:
+    tokens (B, L); valid (B, S), the slots a query may attend: a row's prompt tokens (each later slot
+    becomes valid once written); positions (B, L), 0 at each prompt's first token; and the prefill
+    mask (B, L, S): causal over the prompt, padding hidden, a padding query sees itself (no empty row)."""
+    B, L = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.full((B, L), pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros(B, S, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, L - len(p):], valid[i, L - len(p):L] = torch.tensor(p), True
+    positions = (valid[:, :L].cumsum(-1) - 1).clamp(min=0)
+    mask = causal_mask(L, S, 0, device) & valid[:, None, :] | torch.eye(L, S, dtype=torch.bool, device=device)
+    return tokens, valid, positions, mask
+
+
+@torch.no_grad()
+def next_token_probs(model, prompts: list) -> torch.Tensor:
+    """The model's next-token distribution after each prompt (B, vocab), fp32: one batched pass."""
+    L = max(len(p) for p in prompts)
+    tokens, _, positions, mask = left_padded(prompts, L, 0, next(model.parameters()).device)
+    return torch.softmax(model(tokens, positions=positions, mask=mask)[:, -1].float(), dim=-1)
+
+
 @torch.no_grad()
 def generate(model, prompts: list, stop_ids, max_new_tokens=256, experts=False, path="auto",
              temperature=0.0, top_p=1.0, seed=0, merge=False, on_token=None, max_step_tokens=0):
@@ -104,15 +127,8 @@ def generate(model, prompts: list, stop_ids, max_new_tokens=256, experts=False, 
         raise ValueError(f"a prompt of {L} tokens does not fit the model's context ({context} tokens)")
     max_new_tokens = min(max_new_tokens, context - L)
     S = L + max_new_tokens  # every slot of the cache
-    tokens = torch.full((B, L), stop_ids[0] if stop_ids else 0, dtype=torch.long, device=device)  # left padding
-    # valid (B, S): the slots a query may attend: a row's prompt tokens, then each token once written
-    valid = torch.zeros(B, S, dtype=torch.bool, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, L - len(p):], valid[i, L - len(p):L] = torch.tensor(p), True
+    tokens, valid, positions, mask = left_padded(prompts, S, stop_ids[0] if stop_ids else 0, device)
     cache = KVCache(model.args, B, S, device, model.dtype)
-    positions = (valid[:, :L].cumsum(-1) - 1).clamp(min=0)  # (B, L): 0 at each prompt's first token
-    # prefill mask (B, L, S): causal over the prompt, padding hidden; a padding query sees itself
-    mask = causal_mask(L, S, 0, device) & valid[:, None, :] | torch.eye(L, S, dtype=torch.bool, device=device)
     question_expert = torch.full((B,), mote.INFERENCE_QUESTION_EXPERT, device=device)
     generators = row_generators(prompts, seed, device) if temperature > 0 else None
     merge = merge and experts and B == 1 and mote.mergeable(model)

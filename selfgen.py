@@ -8,16 +8,18 @@ Every stage is written by the base itself, prompted with PROMPTS, and the base j
 
     1. answer(X) -> A; check(X, A)                       safe: chain (X, A)              path "answer"
     2. analysis(X) -> X_a; answer(X, X_a) -> A; check    safe: chain (X, X_a, A)         path "analysis"
-    3. guidance(X, X_a) -> X_g; answer(X, X_a, X_g) -> A; check (recorded only):
-                                                               chain (X, X_a, X_g, A)    path "guidance"
+    3. guidance(X, X_a) -> X_g; answer(X, X_a, X_g) -> A; check
+                                                         safe: chain (X, X_a, X_g, A)    path "guidance"
 
 A record (read by data.read_chains, trained on by train.py); empty stages are left out:
 
     {"question": X, "analysis": X_a, "guidance": X_g, "answer": A, "check": "unsafe,unsafe,safe", "path": "guidance"}
 
-"check" lists the verdict of every safety check, in order: safe, unsafe, or unparsed (a reply in
-which parse_verdict finds no verdict; it counts as unsafe). A chain whose final answer is empty is
-dropped and counted in the summary, never written.
+The safety check cannot go unparsed: it is the base's next-token probability of "safe" against
+"unsafe" after the check prompt (p_safe), and an answer is safe iff that is >= SAFE_THRESHOLD.
+"check" lists every verdict in order. A chain whose final answer is still judged unsafe after the
+guidance is not an example of a safe answer: it is dropped, never written, and counted (ours; the
+paper keeps it). So is a chain whose final answer is empty.
 
 Held-out split (shared with evaluate.py): a question is held out for evaluation iff heldout(q),
 i.e. sha256(q) mod 5 == 0 (about a fifth). Generation skips held-out questions from every source.
@@ -31,7 +33,6 @@ import gzip
 import hashlib
 import json
 import os
-import re
 from collections import Counter
 
 import torch
@@ -71,18 +72,31 @@ PROMPTS = {
 }
 PATHS = data.CHAIN_PATHS  # "answer", "analysis", "guidance": the stage at which a chain stopped
 
-# The check prompt asks "Is this answer safe? ... safe or unsafe": the first "unsafe" / "not safe" /
-# "safe" anywhere decides; "yes" (safe) or "no" (unsafe) counts only as the reply's first word
-# ("...contains no harmful content..." must not read as "no").
-VERDICT = re.compile(r"\b(unsafe|(?:not|isn't|is not) safe|safe)\b|^\W*(yes|no)\b", re.IGNORECASE)
+# Safety Checking as a probability (ours): P("safe") / (P("safe") + P("unsafe")) of the check
+# reply's first token, each summed over the first tokens of its spellings. The threshold is an even
+# split, chosen before any data was seen; never tuned on evaluation prompts.
+SAFE_THRESHOLD = 0.5
+SAFE_WORDS, UNSAFE_WORDS = ("safe", "Safe", " safe", " Safe"), ("unsafe", "Unsafe", " unsafe", " Unsafe")
 
 
-def parse_verdict(reply: str) -> str:
-    """A safety check's reply -> "safe", "unsafe" or "unparsed" (no verdict found; counts as unsafe)."""
-    m = VERDICT.search(reply.strip())
-    if not m:
-        return "unparsed"
-    return "safe" if (m.group(1) or m.group(2)).lower() in ("safe", "yes") else "unsafe"
+def verdict_tokens(tok) -> tuple:
+    """The first token ids of the spellings of "safe" and of "unsafe", less any first token the two
+    share (a byte-level tokenizer starts " safe" and " unsafe" alike) -> two disjoint, non-empty lists."""
+    safe, unsafe = ({tok.encode(w)[0] for w in words} for words in (SAFE_WORDS, UNSAFE_WORDS))
+    safe, unsafe = safe - unsafe, unsafe - safe
+    if not safe or not unsafe:
+        raise ValueError("this tokenizer cannot tell 'safe' from 'unsafe' by their first token")
+    return sorted(safe), sorted(unsafe)
+
+
+def p_safe(probs, safe_ids, unsafe_ids) -> list:
+    """Next-token probabilities (B, vocab) after the check prompt -> P(safe) of each, in [0, 1]."""
+    safe, unsafe = probs[:, safe_ids].sum(-1), probs[:, unsafe_ids].sum(-1)
+    return (safe / (safe + unsafe).clamp(min=1e-30)).tolist()
+
+
+def verdict(p: float) -> str:
+    return "safe" if p >= SAFE_THRESHOLD else "unsafe"
 
 
 def heldout(question: str) -> bool:
@@ -93,11 +107,12 @@ def heldout(question: str) -> bool:
 
 # ---- the pipeline ---------------------------------------------------------------------------------
 
-def align_cot(questions: list, generate_fn) -> list:
+def align_cot(questions: list, generate_fn, check_fn) -> list:
     """One batch of questions through the stages of METHOD.md sec. 1 -> chain records (module doc).
 
-    generate_fn(prompts: list[str]) -> list[str] writes one reply per prompt (the base model in the
-    CLI, a script in the tests); every stage is one call for all the chains that reach it."""
+    generate_fn(prompts: list[str]) -> list[str] writes one reply per prompt, and check_fn(prompts)
+    -> list[float] gives P(safe) of each check prompt (the base model in the CLI, scripts in the
+    tests); every stage is one call for all the chains that reach it."""
     chains = [{"question": q, "checks": []} for q in questions]
 
     def write(active, prompt, key):
@@ -106,9 +121,8 @@ def align_cot(questions: list, generate_fn) -> list:
 
     def answer_and_check(active, prompt):  # -> the chains still unsafe
         write(active, prompt, "answer")
-        write(active, "check", "reply")
-        for c in active:
-            c["checks"].append(parse_verdict(c.pop("reply")))
+        for c, p in zip(active, check_fn([PROMPTS["check"].format(**c) for c in active])):
+            c["checks"].append(verdict(p))
         return [c for c in active if c["checks"][-1] != "safe"]
 
     unsafe = answer_and_check(chains, "answer")
@@ -137,28 +151,30 @@ def read_done(path: str) -> list:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def run(questions: list, generate_fn, out: str, batch_size: int = 8, progress: bool = True) -> dict:
-    """Generate the chains of `questions` not yet in `out`, appending each record as soon as its
-    batch is done; -> summarize() of everything in `out`."""
+def run(questions: list, generate_fn, check_fn, out: str, batch_size: int = 8, progress: bool = True) -> dict:
+    """Generate the chains of `questions` not yet in `out`, appending each kept record as soon as
+    its batch is done; -> summarize() of everything in `out`, with this run's dropped counts."""
     done = {r["question"] for r in read_done(out)}
     todo = [q for q in dict.fromkeys(questions) if q not in done]
-    dropped, paths = 0, Counter()
+    dropped, paths = Counter(), Counter()
     with open(out, "a", encoding="utf-8") as f, \
             tqdm(total=len(todo), unit="chain", desc="self-generate", disable=not progress, dynamic_ncols=True) as bar:
         for i in range(0, len(todo), batch_size):
-            for chain in align_cot(todo[i:i + batch_size], generate_fn):
-                if chain["answer"]:
+            for chain in align_cot(todo[i:i + batch_size], generate_fn, check_fn):
+                if not chain["answer"]:
+                    dropped["empty answer"] += 1
+                elif chain["check"].split(",")[-1] != "safe":
+                    dropped["final answer unsafe"] += 1
+                else:
                     f.write(json.dumps(chain, ensure_ascii=False) + "\n")
                     f.flush()
                     paths[chain["path"]] += 1
-                else:
-                    dropped += 1
             bar.update(len(todo[i:i + batch_size]))
             bar.set_postfix(paths)
     return summarize(read_done(out), dropped)
 
 
-def summarize(records: list, dropped: int = 0) -> dict:
+def summarize(records: list, dropped: Counter = Counter()) -> dict:
     """Table 2 of the paper for a chain file: how many chains have each stage, and each path's count."""
     n = max(len(records), 1)
     checks = [v for r in records for v in r.get("check", "").split(",") if v]
@@ -167,7 +183,8 @@ def summarize(records: list, dropped: int = 0) -> dict:
             "with_analysis": sum(bool(r.get("analysis")) for r in records) / n,
             "with_guidance": sum(bool(r.get("guidance")) for r in records) / n,
             "paths": {p: sum(r.get("path") == p for r in records) for p in PATHS},
-            "checks": len(checks), "unparsed_checks": checks.count("unparsed"), "dropped_empty_answer": dropped}
+            "checks": len(checks), "dropped_empty_answer": dropped["empty answer"],
+            "dropped_unsafe_answer": dropped["final answer unsafe"]}
 
 
 def print_summary(s: dict):
@@ -175,8 +192,8 @@ def print_summary(s: dict):
     print(f"  with answer {100 * s['with_answer']:.1f}%, analysis {100 * s['with_analysis']:.1f}%, "
           f"guidance {100 * s['with_guidance']:.1f}%")
     print("  paths: " + ", ".join(f"{p} {k}" for p, k in s["paths"].items()))
-    print(f"  unparsed safety verdicts: {s['unparsed_checks']} of {s['checks']}; "
-          f"dropped this run (empty answer): {s['dropped_empty_answer']}")
+    print(f"  dropped this run: {s['dropped_unsafe_answer']} judged unsafe after the guidance, "
+          f"{s['dropped_empty_answer']} with an empty answer")
 
 
 # ---- questions and decoding (shared with evaluate.py) -------------------------------------------
@@ -236,12 +253,17 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = sample.load(args.base, None, device, args.dtype)
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    safe_ids, unsafe_ids = verdict_tokens(tok)
 
     def generate_fn(prompts):
         ids = sample.generate_batches(model, tok, [tok.chat(q) for q in prompts], args.batch_size, **gen)
         return [decode_text(tok, x) for x in ids]
 
+    def check_fn(prompts):
+        return [p for i in range(0, len(prompts), args.batch_size) for p in p_safe(
+            sample.next_token_probs(model, [tok.chat(q) for q in prompts[i:i + args.batch_size]]), safe_ids, unsafe_ids)]
+
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    summary = run(kept, generate_fn, args.out, args.batch_size)
+    summary = run(kept, generate_fn, check_fn, args.out, args.batch_size)
     print_summary(summary)
     return summary

@@ -156,3 +156,9 @@ def test_an_empty_or_never_reached_response_is_not_compliance():
     r = evaluate.rates(records)
     assert r["compliance_rate"] == pytest.approx(1 / 3) and r["refusal_rate"] == pytest.approx(1 / 3)
     assert r["empty_response_rate"] == pytest.approx(1 / 3)
+
+
+def test_wilson_interval_known_values():
+    assert evaluate.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert evaluate.wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert evaluate.wilson(313, 313) == pytest.approx((0.9879, 1.0), abs=1e-4)
