@@ -1,13 +1,14 @@
 """The ablation experiment (the paper's Table 4, replayed small and offline) on SmolLM2-135M-Instruct.
 
     python experiment.py                       # runs what is missing under runs/exp, prints the table
-    python experiment.py --iters 10 --limit 12 --generate 40 --max-step-tokens 64
+    python experiment.py --iters 10 --limit 50 --generate 40 --max-step-tokens 64   # a smaller version
 
 Same data, same step budget, every variant: MoTE, single LoRA, token-gated MoE, MoTE without the
 shared expert, MoTE without step skipping; on (a) the hand-written demo chains and (b) chains the
 base wrote itself from HH-RLHF questions (python data.py generate). Then each is evaluated by
-evaluate.py (greedy, offline refusal-phrase judge) on StrongREJECT, held-out HH-RLHF and benign-edgy
-prompts, with the auto path, and MoTE also with each forced path. Every command is printed before it
+evaluate.py (greedy, offline refusal-phrase judge) on StrongREJECT, held-out HH-RLHF, benign-edgy
+prompts and the project's own evaluation sets (full sets unless --limit), with the auto path, and
+MoTE also with each forced path. Every rate is printed with its count and 95% Wilson interval. Every command is printed before it
 runs; a step whose output exists is skipped, so an interrupted run continues. The table is built
 only from the files those commands write (metrics.jsonl, summary.json).
 """
@@ -19,6 +20,7 @@ import sys
 
 BASE = "smollm2-135m-instruct.safetensors"
 HH = os.path.join("..", "shared", "data", "hh-rlhf", "harmless-base-test.jsonl.gz")
+SETS = ("strongreject", "hh", "own-harmful", "benign", "own-benign")  # harmful, then benign
 VARIANTS = {"MoTE": [], "single LoRA": ["--routing", "single"], "token-gated MoE": ["--routing", "token"],
             "MoTE, no shared expert": ["--no-shared"], "MoTE, no step skipping": ["--skip-p", "0"]}
 
@@ -42,7 +44,7 @@ def main():
     p.add_argument("--iters", type=int, default=10, help="optimizer steps (iterations) per variant (batch 8)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--generate", type=int, default=40, help="questions to self-generate chains for")
-    p.add_argument("--limit", type=int, default=12, help="prompts per evaluation set")
+    p.add_argument("--limit", type=int, default=0, help="prompts per evaluation set (0: every prompt)")
     p.add_argument("--max-step-tokens", type=int, default=64, help="a step is closed after this many tokens")
     args = p.parse_args()
     if not os.path.exists(BASE):
@@ -52,7 +54,7 @@ def main():
     run(["python", "data.py", "generate", "--base", BASE, "--questions", HH, "--out", selfgen,
          "--limit", str(args.generate), "--max-new-tokens", "96"], selfgen)
     budget = 3 * args.max_step_tokens + 6  # room for the full chain: three steps and six markers
-    evaluation = ["--sets", "strongreject,hh,benign", "--limit", str(args.limit), "--max-new-tokens", str(budget),
+    evaluation = ["--sets", ",".join(SETS), "--limit", str(args.limit), "--max-new-tokens", str(budget),
                   "--max-step-tokens", str(args.max_step_tokens)]
     rows = []
     out = os.path.join(args.out, "eval-base")
@@ -72,10 +74,18 @@ def main():
     print_table(rows)
 
 
+def rate(s: dict, key: str) -> str:
+    """'0.93 (291/313) [0.90, 0.95]': a rate with its count and 95% Wilson interval."""
+    k = s[{"refusal": "refusals", "compliance": "compliances"}[key]]
+    return "{:.2f} ({}/{}) [{:.2f}, {:.2f}]".format(s[f"{key}_rate"], k, s["n"], *s[f"{key}_ci"])
+
+
 def print_table(rows):
-    print("\n| data | variant | path | val loss analysis / guidance / response | harmful refusal "
-          "(StrongREJECT, HH) | benign compliance | tokens per answer |")
-    print("|---|---|---|---|---|---|---|")
+    harmful, benign = SETS[:3], SETS[3:]
+    print("\n| data | variant | path | val loss analysis / guidance / response | "
+          + " | ".join(f"refusal, {n}" for n in harmful) + " | " + " | ".join(f"compliance, {n}" for n in benign)
+          + " | tokens per answer | path mix (harmful; benign) |")
+    print("|---" * (6 + len(SETS)) + "|")
     for data_name, name, path, eval_dir, run_dir in rows:
         s = json.load(open(os.path.join(eval_dir, "summary.json")))
         losses = "-"
@@ -84,9 +94,11 @@ def print_table(rows):
             losses = " / ".join(f"{last[k]:.2f}" if last.get(k) is not None else "-"
                                 for k in ("val_analysis", "val_guidance", "val_response"))
         sets = s["sets"]
-        print(f"| {data_name} | {name} | {path} | {losses} | {sets['strongreject']['refusal_rate']:.2f}, "
-              f"{sets['hh']['refusal_rate']:.2f} | {sets['benign']['compliance_rate']:.2f} | "
-              f"{s['overall']['mean_tokens']:.0f} |")
+        mix = "; ".join(", ".join(f"{p} {r['n']}" for p, r in sets[n].get("paths", {}).items()) or "-"
+                        for n in (harmful[0], benign[0]))
+        print(f"| {data_name} | {name} | {path} | {losses} | " + " | ".join(rate(sets[n], "refusal") for n in harmful)
+              + " | " + " | ".join(rate(sets[n], "compliance") for n in benign)
+              + f" | {s['overall']['mean_tokens']:.0f} | {mix} |")
 
 
 if __name__ == "__main__":

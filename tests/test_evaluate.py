@@ -162,3 +162,16 @@ def test_wilson_interval_known_values():
     assert evaluate.wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert evaluate.wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
     assert evaluate.wilson(313, 313) == pytest.approx((0.9879, 1.0), abs=1e-4)
+
+
+def test_experiment_table_reads_what_evaluate_writes(tmp_path, capsys):
+    """experiment.py's table is built only from evaluate's summary.json: every set, counts and intervals."""
+    import experiment
+    records = [{"set": name, "label": evaluate.SETS[name], "refusal": i % 3 == 0, "empty_response": False,
+                "n_tokens": 10, "steps": ["response"], "path_taken": "response"}
+               for name in experiment.SETS for i in range(6)]
+    (tmp_path / "summary.json").write_text(json.dumps(evaluate.summarize(records, experts=True)))
+    experiment.print_table([("-", "base alone", "-", str(tmp_path), None)])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.count("0.33 (2/6) [0.10, 0.70]") == 3 and line.count("0.67 (4/6) [0.30, 0.90]") == 2
+    assert "response 6; response 6" in line
