@@ -9,7 +9,8 @@ every learned token of the iteration's --batch-size chains, however they are spl
 --micro-batch passes. Only the experts and marker rows train (AdamW, fp32), with warmup + cosine
 decay, gradient clipping, and bf16 autocast when the base is bf16 (model.resolve_dtype). Writes
 DIR/adapters.safetensors (the experts, for sample.py), DIR/checkpoint.safetensors (everything
---resume needs; no pickle) and DIR/metrics.jsonl (one record per iteration, "iter").
+--resume needs; no pickle) and DIR/metrics.jsonl (one record per iteration, "iter"); a DIR that
+holds a run is continued with --resume or replaced with --overwrite, never by accident.
 """
 import json
 import math
