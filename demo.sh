@@ -9,6 +9,6 @@ cd "$(dirname "$0")"
 python -m pip install -q -r requirements.txt
 [ -f smollm2-135m-instruct.safetensors ] || python convert.py smollm2
 python train.py --base smollm2-135m-instruct.safetensors --data data/demo_chains.jsonl --out runs/demo \
-    --max-iters 36 --batch-size 8 --lr 1e-3 --eval-every 12
+    --max-iters 36 --batch-size 8 --lr 1e-3 --eval-every 12 --overwrite
 python sample.py --adapters runs/demo --path full --prompt "How can I get into my neighbor's wifi without them knowing?"
 python sample.py --adapters runs/demo --path auto --prompt "What is a good way to learn to play the guitar?"

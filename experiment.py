@@ -64,7 +64,7 @@ def main():
         for name, flags in VARIANTS.items():
             run_dir = os.path.join(args.out, f"{slug(data_name)}-{slug(name)}")
             run(["python", "train.py", "--base", BASE, "--data", data_file, "--out", run_dir, "--max-iters",
-                 str(args.iters), "--batch-size", "8", "--lr", str(args.lr), "--val-frac", "0.15", *flags],
+                 str(args.iters), "--batch-size", "8", "--lr", str(args.lr), "--val-frac", "0.15", "--overwrite", *flags],
                 os.path.join(run_dir, "adapters.safetensors"))
             for path in (["auto", "answer", "full"] if name == "MoTE" else ["auto"]):
                 out = os.path.join(run_dir, f"eval-{path}")

@@ -368,7 +368,7 @@ class Transformer(nn.Module):
         state = to_internal_names(tensors, args)
         with torch.device("meta"):
             model = cls(args)
-        check_state(model, state)
+        check_state(model, state, path)
         if args.tie_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]
         state = {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}
@@ -467,8 +467,9 @@ def to_internal_names(tensors: dict, args: ModelArgs) -> dict:
     return out
 
 
-def check_state(model: nn.Module, state: dict):
-    """Raise a CheckpointError listing missing and unexpected tensors and shape mismatches."""
+def check_state(model: nn.Module, state: dict, path: str):
+    """Raise a CheckpointError, one line naming path, listing missing and unexpected tensors and
+    shape mismatches."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if model.args.tie_embeddings:
         expected.pop("lm_head.weight")
@@ -480,4 +481,4 @@ def check_state(model: nn.Module, state: dict):
                ([f"unexpected tensors: {', '.join(unexpected)}"] if unexpected else []) + \
                ([f"shape mismatch: {'; '.join(wrong)}"] if wrong else [])
     if problems:
-        raise CheckpointError("checkpoint does not match the model config:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"{path}: does not match the model config: " + "; ".join(problems))

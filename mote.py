@@ -13,11 +13,13 @@ A chain on the wire (METHOD.md sec. 2), any of the first two steps possibly miss
 """
 import hashlib
 import json
+import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lora import ExpertBank
@@ -252,25 +254,39 @@ def base_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+@contextmanager
+def replacing(path: str):
+    """Write a file at the yielded temporary path; it replaces `path` (os.replace) only when the block
+    ends without an error, so `path` always holds the old file or the whole new one."""
+    yield path + ".tmp"
+    os.replace(path + ".tmp", path)
+
+
 def save_adapters(model, path: str):
     """Write only the trainable tensors (experts, marker rows, gates) with their metadata."""
     tensors = {k: p.detach().contiguous() for k, p in model.named_parameters() if p.requires_grad}
     meta = {"expert_config": json.dumps(asdict(model.expert_config)), "steps": json.dumps(STEPS),
             "markers": json.dumps(MARKERS), "base_fingerprint": base_fingerprint(model),
             "base_args": model.args.to_json()}
-    save_file(tensors, path, metadata=meta)
+    with replacing(path) as tmp:
+        save_file(tensors, tmp, metadata=meta)
 
 
 def load_adapters(model, path: str):
-    """Attach experts to a frozen base as saved in `path` and load them; a different base is an error."""
-    with safe_open(path, framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-    cfg = ExpertConfig(**json.loads(meta["expert_config"]))
+    """Attach experts to a frozen base as saved in `path` and load them. A missing file raises
+    FileNotFoundError; a file that is not train.py's adapters, or adapters of another base, ValueError."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        cfg, fingerprint = ExpertConfig(**json.loads(meta["expert_config"])), meta["base_fingerprint"]
+    except (SafetensorError, KeyError, TypeError, ValueError) as e:  # another kind of file, cut short, or damaged
+        reason = f"no {e} metadata" if isinstance(e, KeyError) else str(e)
+        raise ValueError(f"{path}: not an adapters file written by train.py ({reason})") from None
     attach(model, cfg)
-    if meta["base_fingerprint"] != base_fingerprint(model):
+    if fingerprint != base_fingerprint(model):
         raise ValueError(f"{path}: these adapters were trained on another base (fingerprint "
-                         f"{meta['base_fingerprint']}, this base {base_fingerprint(model)}; base config "
-                         f"{meta['base_args']})")
+                         f"{fingerprint}, this base {base_fingerprint(model)}; base config "
+                         f"{meta.get('base_args')})")
     expected = {k for k, p in model.named_parameters() if p.requires_grad}
     if expected != tensors.keys():
         raise ValueError(f"{path}: adapter tensors do not match the experts: missing "

@@ -5,12 +5,11 @@
     python sample.py --adapters runs/demo --prompts questions.txt --out answers.jsonl
 
 With experts the model starts at the first step, and every token it emits is routed to the expert of
-the step it belongs to (mote.token_steps on what has been generated): emitting <|guidance|> switches
+the step it belongs to (mote.next_steps, token by token): emitting <|guidance|> switches
 the active expert to guidance, and so on, until <|/response|> ends the answer (METHOD.md sec. 3-4).
 --path auto lets the model choose its steps (adaptive length); answer, analysis and full force the
 markers of question -> answer, question -> analysis -> answer, and the full chain.
 """
-import argparse
 import codecs
 import hashlib
 import json
@@ -22,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 import data
-import tokenizer
 import mote
+import tokenizer
 from model import CheckpointError, KVCache, Transformer, causal_mask, resolve_dtype
 
 PATHS = {"auto": None, "answer": (2,), "analysis": (0, 2), "full": (0, 1, 2)}
@@ -242,6 +241,9 @@ def load(base: str | None, adapters: str | None, device: str, dtype: str = "auto
         if base is None and os.path.exists(os.path.join(adapters, "train_config.json")):
             base = json.load(open(os.path.join(adapters, "train_config.json")))["base"]
         adapters = os.path.join(adapters, "adapters.safetensors")
+    if adapters and not os.path.exists(adapters):
+        sys.exit(f"error: {adapters}: does not exist (--adapters takes a folder train.py wrote, once its run "
+                 "has finished, or the adapters.safetensors in it)")
     if base is None:
         sys.exit("error: give --base (or --adapters DIR written by train.py, which names its base)")
     try:
@@ -260,7 +262,11 @@ def read_prompts(path: str) -> list:
     try:
         lines = [line for line in open(path, encoding="utf-8").read().splitlines() if line.strip()]
     except OSError as e:
-        sys.exit(f"error: {path}: {e}")
+        sys.exit(f"error: {path}: {e.strerror}")
+    except UnicodeDecodeError as e:
+        sys.exit(f"error: {path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8")
+    if not lines:
+        sys.exit(f"error: {path}: no questions (the file is empty or blank)")
     questions = []
     for n, line in enumerate(lines, 1):
         try:
@@ -274,7 +280,7 @@ def read_prompts(path: str) -> list:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = data.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", help="base checkpoint (default: the base the adapters were trained on)")
     p.add_argument("--adapters", help="a train.py output directory, or its adapters.safetensors")
     p.add_argument("--prompt", help="one question")
@@ -282,12 +288,12 @@ def main(argv=None):
     p.add_argument("--out", help="with --prompts: write one JSON record per question here")
     p.add_argument("--path", choices=list(PATHS), default="auto", help="which steps the experts take")
     p.add_argument("--raw", action="store_true", help="continue the prompt as plain text, without the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--max-step-tokens", type=int, default=0, help="close a step after this many tokens (0: no limit)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--max-new-tokens", type=data.positive_int, default=256)
+    p.add_argument("--max-step-tokens", type=data.count, default=0, help="close a step after this many tokens (0: no limit)")
+    p.add_argument("--temperature", type=data.nonnegative, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=data.fraction, default=0.9)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=data.positive_int, default=8)
     p.add_argument("--no-merge", action="store_true",
                    help="with one --prompt, keep the experts routed instead of folding the active ones into W0 at each step")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",

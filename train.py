@@ -9,9 +9,9 @@ every learned token of the iteration's --batch-size chains, however they are spl
 --micro-batch passes. Only the experts and marker rows train (AdamW, fp32), with warmup + cosine
 decay, gradient clipping, and bf16 autocast when the base is bf16 (model.resolve_dtype). Writes
 DIR/adapters.safetensors (the experts, for sample.py), DIR/checkpoint.safetensors (everything
---resume needs; no pickle) and DIR/metrics.jsonl (one record per iteration, "iter").
+--resume needs; no pickle) and DIR/metrics.jsonl (one record per iteration, "iter"); a DIR that
+holds a run is continued with --resume or replaced with --overwrite, never by accident.
 """
-import argparse
 import json
 import math
 import os
@@ -21,46 +21,48 @@ from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import data
-import tokenizer
 import mote
+import tokenizer
 from model import CheckpointError, Transformer, resolve_dtype
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = data.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", required=True, help="base checkpoint (.safetensors file or directory)")
     p.add_argument("--data", required=True, help="JSONL reasoning chains (see README: data format)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--epochs", type=float, default=3, help="paper: 3")
-    p.add_argument("--max-iters", type=int, default=0, help="stop after this many optimizer steps (0: epochs decide)")
-    p.add_argument("--lr", type=float, default=2e-5, help="peak learning rate (paper: 2e-5; LoRA usually wants ~1e-4 to 1e-3)")
-    p.add_argument("--batch-size", type=int, default=16, help="chains per optimizer step (paper: 16)")
-    p.add_argument("--micro-batch", type=int, default=4, help="chains per forward pass; gradients accumulate to --batch-size")
-    p.add_argument("--warmup", type=float, default=0.05, help="warmup, as a fraction of the iterations")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--lora-alpha", type=float, default=32.0, help="LoRA scale = lora_alpha / rank")
-    p.add_argument("--alpha", type=float, default=0.5, help="step-expert weight; the shared expert gets 1 - alpha")
-    p.add_argument("--skip-p", type=float, default=0.2, help="probability of dropping each earlier step (0: no skipping)")
+    p.add_argument("--epochs", type=data.positive, default=3, help="paper: 3")
+    p.add_argument("--max-iters", type=data.count, default=0, help="stop after this many optimizer steps (0: epochs decide)")
+    p.add_argument("--lr", type=data.positive, default=2e-5, help="peak learning rate (paper: 2e-5; LoRA usually wants ~1e-4 to 1e-3)")
+    p.add_argument("--batch-size", type=data.positive_int, default=16, help="chains per optimizer step (paper: 16)")
+    p.add_argument("--micro-batch", type=data.positive_int, default=4, help="chains per forward pass; gradients accumulate to --batch-size")
+    p.add_argument("--warmup", type=data.fraction, default=0.05, help="warmup, as a fraction of the iterations")
+    p.add_argument("--weight-decay", type=data.nonnegative, default=0.0)
+    p.add_argument("--clip", type=data.positive, default=1.0, help="gradient-norm clipping")
+    p.add_argument("--rank", type=data.positive_int, default=16)
+    p.add_argument("--lora-alpha", type=data.positive, default=32.0, help="LoRA scale = lora_alpha / rank")
+    p.add_argument("--alpha", type=data.fraction, default=0.5, help="step-expert weight; the shared expert gets 1 - alpha")
+    p.add_argument("--skip-p", type=data.fraction, default=0.2, help="probability of dropping each earlier step (0: no skipping)")
     p.add_argument("--routing", choices=("step", "token", "single"), default="step",
                    help="step: MoTE; token: gated MoE baseline; single: one LoRA")
     p.add_argument("--no-shared", action="store_true", help="ablation: no shared expert (the step expert gets weight 1)")
-    p.add_argument("--balance-coef", type=float, default=0.01, help="load-balancing loss weight (--routing token)")
-    p.add_argument("--max-len", type=int, default=1024, help="longer chains are dropped and counted")
-    p.add_argument("--val-frac", type=float, default=0.1, help="share of chains held out for validation")
-    p.add_argument("--eval-every", type=int, default=0, help="validate every N iterations (0: at the end only)")
-    p.add_argument("--save-every", type=int, default=50, help="write the resumable checkpoint every N iterations")
+    p.add_argument("--balance-coef", type=data.nonnegative, default=0.01, help="load-balancing loss weight (--routing token)")
+    p.add_argument("--max-len", type=data.positive_int, default=1024, help="longer chains are dropped and counted")
+    p.add_argument("--val-frac", type=data.fraction, default=0.1, help="share of chains held out for validation")
+    p.add_argument("--eval-every", type=data.count, default=0, help="validate every N iterations (0: at the end only)")
+    p.add_argument("--save-every", type=data.positive_int, default=50, help="write the resumable checkpoint every N iterations")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (an 8B base on 24 GB)")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="the base's dtype; auto: bf16 on CUDA, fp32 on CPU. Experts always train in fp32")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    again.add_argument("--overwrite", action="store_true", help="replace the run in --out (else a run there is an error)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -173,20 +175,34 @@ def train_iteration(model, chains, base_vocab, pad_id, micro_batch, question_exp
     return sums, counts, n_tokens
 
 
-RESUME_FREE = ("resume", "save_every", "eval_every", "expert_config")  # may change (expert_config: from the flags)
+RESUME_FREE = ("resume", "overwrite", "out", "save_every", "eval_every", "expert_config")  # may change
+RUN_FILES = ("metrics.jsonl", "checkpoint.safetensors", "adapters.safetensors")  # a folder holding one holds a run
 
 
-def check_resume(saved: dict, config: dict):
-    """A resumed run must be the same run: raise ValueError naming every flag that differs."""
+def check_out(args, ckpt):
+    """Refuse an --out that is a file, a run folder without --resume or --overwrite, or --resume
+    without a checkpoint: one line, before anything is read or written."""
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        sys.exit(f"error: {args.out}: is a file; --out takes a folder for the run")
+    if args.resume and not os.path.exists(ckpt):
+        sys.exit(f"error: {ckpt}: does not exist, so there is no run to --resume")
+    held = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]
+    if held and not (args.resume or args.overwrite):
+        sys.exit(f"error: {args.out}: holds a run ({', '.join(held)}); give --resume to continue it or --overwrite "
+                 "to replace it")
+
+
+def check_resume(saved: dict, config: dict, path: str):
+    """A resumed run must be the same run: raise ValueError naming path and every flag that differs."""
     differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {config[k]!r}" for k in sorted(config)
               if k not in RESUME_FREE and saved.get(k) != config[k]]
     if differ:
-        raise ValueError("--resume with flags that differ from the checkpoint's: " + "; ".join(differ) +
+        raise ValueError(f"{path}: --resume with flags that differ from the checkpoint's: " + "; ".join(differ) +
                          " (resume with the run's own flags, or start a new run in another --out)")
 
 
 def save_checkpoint(path, model, opt, rng, iter_num, config):
-    """Everything --resume needs, as safetensors (no pickle), written atomically (temp file + rename)."""
+    """Everything --resume needs, as safetensors (no pickle), written atomically (mote.replacing)."""
     params = [p for p in model.parameters() if p.requires_grad]
     names = {id(p): n for n, p in model.named_parameters()}
     tensors = {"param." + names[id(p)]: p.detach() for p in params}
@@ -195,19 +211,24 @@ def save_checkpoint(path, model, opt, rng, iter_num, config):
             tensors[f"opt.{i}.{key}"] = value.detach() if torch.is_tensor(value) else torch.tensor(value)
     tensors["rng"] = rng.get_state()
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
-    save_file(tensors, path + ".tmp", metadata={"iter_num": str(iter_num), "config": json.dumps(config)})
-    os.replace(path + ".tmp", path)
+    with mote.replacing(path) as tmp:
+        save_file(tensors, tmp, metadata={"iter_num": str(iter_num), "config": json.dumps(config)})
 
 
-def read_checkpoint_config(path) -> dict:
-    with safe_open(path, framework="pt") as f:
-        return json.loads(f.metadata()["config"])
+def read_checkpoint(path) -> tuple:
+    """What save_checkpoint wrote: (config, iter_num, tensors); ValueError naming path if it is not that."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        return json.loads(meta["config"]), int(meta["iter_num"]), tensors
+    except (SafetensorError, KeyError, ValueError) as e:
+        reason = f"no {e} metadata" if isinstance(e, KeyError) else str(e)
+        raise ValueError(f"{path}: not a checkpoint written by train.py, or cut short ({reason}); restore it, "
+                         "or start over with --overwrite") from None
 
 
-def load_checkpoint(path, model, opt, rng):
-    """Restore what save_checkpoint wrote; returns the iteration to continue from."""
-    with safe_open(path, framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+def load_checkpoint(tensors, model, opt, rng):
+    """Restore the model's trainable tensors, the optimizer and the generator from read_checkpoint's tensors."""
     named = dict(model.named_parameters())
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
@@ -219,14 +240,44 @@ def load_checkpoint(path, model, opt, rng):
         if state:
             opt.state[p] = state
     rng.set_state(tensors["rng"])
-    return int(meta["iter_num"])
+
+
+def resumed_log(path, start) -> list:
+    """The lines of metrics.jsonl up to the checkpoint's iteration `start`. A half-written last line
+    (a crash while appending) is dropped with a note: each record is written before its checkpoint,
+    so it is of a later iteration. A missing log, any other bad line, or a log without the record
+    of iteration `start` raises ValueError."""
+    if not os.path.exists(path):
+        raise ValueError(f"{path}: does not exist; --resume needs the run's log beside its checkpoint (restore it, "
+                         "or start over with --overwrite)")
+    lines = open(path, encoding="utf-8", errors="replace").read().splitlines(keepends=True)
+    kept, last, half = [], None, None
+    for n, line in enumerate(lines, 1):
+        try:
+            it = int(json.loads(line)["iter"])
+        except (ValueError, KeyError, TypeError):
+            if n < len(lines) or line.endswith("\n"):
+                raise ValueError(f"{path}:{n}: not a metrics record; restore the log, or start over with --overwrite") from None
+            half = n
+            break
+        if it <= start:
+            kept.append(line)
+            last = it
+    if last != start:
+        raise ValueError(f"{path}: has no record of iteration {start}, the checkpoint's: the log is cut short; "
+                         "restore it, or start over with --overwrite")
+    if half:
+        print(f"note: {path}:{half}: dropped a half-written last record (of an iteration after the checkpoint's)",
+              file=sys.stderr)
+    return kept
 
 
 def main(argv=None):
     args = parse_args(argv)
+    ckpt, log_path = os.path.join(args.out, "checkpoint.safetensors"), os.path.join(args.out, "metrics.jsonl")
+    check_out(args, ckpt)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = resolve_dtype(args.dtype, device)
-    os.makedirs(args.out, exist_ok=True)
     try:
         chains = data.read_chains(args.data)
     except data.DataError as e:
@@ -249,7 +300,12 @@ def main(argv=None):
     print(f"data: {len(chains)} chains ({with_a} with analysis, {with_g} with guidance); train {len(train_set)}, "
           f"val {len(val_set)}; dropped as longer than {args.max_len} tokens: {n_long + n_long_val}")
     if not train_set:
-        sys.exit("error: no training chains left")
+        sys.exit(f"error: {args.data}: no training chains left ({len(train_chains)} after --val-frac {args.val_frac}, "
+                 f"{n_long} of them longer than --max-len {args.max_len} tokens); raise --max-len or lower --val-frac")
+    if args.val_frac > 0 and not val_set:
+        sys.exit(f"error: {args.data}: no validation chains left ({len(val_chains)} held out by --val-frac "
+                 f"{args.val_frac}, {n_long_val} of them longer than --max-len {args.max_len} tokens); raise --max-len "
+                 "or --val-frac, or give --val-frac 0")
 
     torch.manual_seed(args.seed)
     cfg = mote.ExpertConfig(rank=args.rank, lora_alpha=args.lora_alpha, alpha=args.alpha,
@@ -264,29 +320,43 @@ def main(argv=None):
     rng = torch.Generator().manual_seed(args.seed)  # question experts and step drops
     iters_per_epoch = math.ceil(len(train_set) / args.batch_size)
     total_iters = args.max_iters or math.ceil(args.epochs * iters_per_epoch)
-    ckpt, log_path = os.path.join(args.out, "checkpoint.safetensors"), os.path.join(args.out, "metrics.jsonl")
     config = vars(args) | {"expert_config": asdict(cfg)}
-    start = 0
+    start, pad = 0, tok.eot_id
     if args.resume:
-        if not os.path.exists(ckpt):
-            sys.exit(f"error: --resume: no checkpoint at {ckpt}")
         try:
-            check_resume(read_checkpoint_config(ckpt), config)
+            saved_config, start, tensors = read_checkpoint(ckpt)
+            check_resume(saved_config, config, ckpt)
+            log = resumed_log(log_path, start)
         except ValueError as e:
-            sys.exit(f"error: {ckpt}: {e}")
-        start = load_checkpoint(ckpt, model, opt, rng)
-        with open(log_path) as f:  # keep the log of the iterations the checkpoint holds
-            kept = [line for line in f if json.loads(line).get("iter", 0) <= start]
-        open(log_path, "w").writelines(kept)
-        print(f"resumed from {ckpt} at iteration {start}")
-    elif os.path.exists(log_path):
-        os.remove(log_path)
-    json.dump(config, open(os.path.join(args.out, "train_config.json"), "w"), indent=1)
-
-    pad = tok.eot_id
+            sys.exit(f"error: {e}")
+        load_checkpoint(tensors, model, opt, rng)
+    before = None
     if start == 0 and val_set:  # the losses before any training, for comparison
+        before = {"iter": 0} | evaluate(model, val_set, pad, V, args.micro_batch, device, dtype)
+        if not math.isfinite(before["val_loss"]):
+            sys.exit(f"error: {args.base}: the validation loss before any training is {before['val_loss']}: the base "
+                     f"holds NaN or inf weights, or overflows in {str(dtype).removeprefix('torch.')}")
+
+    # everything is checked: only now is --out written
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: {args.out}: cannot create the folder ({e.strerror})")
+    if args.resume:
+        with mote.replacing(log_path) as tmp, open(tmp, "w") as f:  # the log of the iterations the checkpoint holds
+            f.writelines(log)
+        print(f"resumed from {ckpt} at iteration {start}")
+    else:  # a new run: an old one is there only with --overwrite (check_out)
+        for name in RUN_FILES:
+            if os.path.exists(os.path.join(args.out, name)):
+                os.remove(os.path.join(args.out, name))
+    json.dump(config, open(os.path.join(args.out, "train_config.json"), "w"), indent=1)
+    if before:
         with open(log_path, "a") as f:
-            f.write(json.dumps({"iter": 0} | evaluate(model, val_set, pad, V, args.micro_batch, device, dtype)) + "\n")
+            f.write(json.dumps(before) + "\n")
+
+    uniform = math.log(V + len(mote.MARKERS))  # the loss of a uniform prediction
+    saved, stuck = start, 0  # the last checkpoint's iteration; iterations in a row at the uniform loss
     bar = tqdm(range(start, total_iters), initial=start, total=total_iters, desc="train", dynamic_ncols=True)
     for iter_num in bar:
         t0 = time.time()
@@ -301,12 +371,23 @@ def main(argv=None):
         dropped = mote.draw_drops(len(chosen), args.skip_p, rng, device)
         sums, counts, n_tokens = train_iteration(model, chosen, V, pad, args.micro_batch, qexp, dropped,
                                                  args.balance_coef, device, dtype)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+        loss = (sums.sum() / counts.sum()).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip).item()
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # stop before the step spoils the experts
+            bar.close()
+            sys.exit(f"error: {args.out}: iteration {iter_num + 1}: the loss is {loss:.4g} and the gradient norm "
+                     f"{grad_norm:.4g}; stopped before its optimizer step, keeping "
+                     f"{f'the checkpoint of iteration {saved}' if saved else 'no checkpoint'} and writing no "
+                     "adapters (NaN or inf weights in the base, or too high a --lr?)")
+        stuck = stuck + 1 if abs(loss - uniform) < 0.05 and grad_norm < 1e-6 else 0
+        if stuck == 20:
+            tqdm.write(f"warning: iterations {iter_num - 18}-{iter_num + 1}: the loss sits at ln(vocab) = "
+                       f"{uniform:.2f} with no gradient: the model predicts a uniform distribution and learns "
+                       "nothing (too high a --lr?)", file=sys.stderr)
         opt.step()
         opt.zero_grad(set_to_none=True)
         record = {"iter": iter_num + 1, "epoch": round((iter_num + 1) / iters_per_epoch, 3), "lr": lr,
-                  "loss": (sums.sum() / counts.sum()).item(), "grad_norm": grad_norm.item(),
-                  "tokens_per_s": round(n_tokens / (time.time() - t0), 1)}
+                  "loss": loss, "grad_norm": grad_norm, "tokens_per_s": round(n_tokens / (time.time() - t0), 1)}
         record |= {f"loss_{s}": (sums[i] / counts[i]).item() if counts[i] else None for i, s in enumerate(mote.STEPS)}
         last = iter_num + 1 == total_iters
         if val_set and ((args.eval_every and (iter_num + 1) % args.eval_every == 0) or last):
@@ -317,6 +398,7 @@ def main(argv=None):
                          if k.startswith("loss_") and v is not None} | {"tok/s": f"{record['tokens_per_s']:.0f}"})
         if (iter_num + 1) % args.save_every == 0 or last:
             save_checkpoint(ckpt, model, opt, rng, iter_num + 1, config)
+            saved = iter_num + 1
     mote.save_adapters(model, os.path.join(args.out, "adapters.safetensors"))
     final = json.loads(open(log_path).read().splitlines()[-1]) if os.path.exists(log_path) else {}
     print("final:", {k: round(v, 4) for k, v in final.items() if k.startswith(("loss", "val_")) and v is not None})
