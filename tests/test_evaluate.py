@@ -107,6 +107,17 @@ def test_benign_set_is_new_to_the_training_data():
     assert len(prompts) == 150 and len(set(prompts)) == 150 and not set(prompts) & demo
 
 
+def test_own_evaluation_sets_are_never_trained_on():
+    """data/benign_eval.txt and data/harmful_eval.txt: full, distinct, and disjoint (ignoring case and
+    punctuation) from the training chains and from each other."""
+    norm = lambda q: "".join(c for c in q.lower() if c.isalnum())
+    benign, harmful = evaluate.load_set("own-benign", ""), evaluate.load_set("own-harmful", "")
+    assert (len(benign), len(harmful)) == (150, 100)
+    trained = {norm(json.loads(line)["question"]) for line in open(DEMO)}
+    asked = [norm(q) for q in benign + harmful]
+    assert len(set(asked)) == 250 and not set(asked) & trained
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random tiny base, experts attached to it in a train.py-like folder, and a fake HH-RLHF file."""
