@@ -1,15 +1,11 @@
 """The reasoning chains of MoTE (METHOD.md sec. 1-2): reading and checking them, encoding a chain
-into the token sequence the model learns, batching, and the HH-RLHF questions the chains start from;
-and the checked command-line numbers every script shares.
+into the token sequence the model learns, batching, and the HH-RLHF questions the chains start from.
 
     chat(question) <|analysis|> analysis <|/analysis|> <|guidance|> guidance <|/guidance|>
                    <|response|> answer <|/response|> <eot>
 """
-import argparse
 import gzip
 import json
-import math
-import sys
 
 import torch
 
@@ -102,36 +98,6 @@ def collate(encoded: list, pad_id: int):
     for i, (tk, tg) in enumerate(encoded):
         tokens[i, : len(tk)], targets[i, : len(tg)], valid[i, : len(tk)] = torch.tensor(tk), torch.tensor(tg), True
     return tokens, targets, valid
-
-
-# ---- command-line arguments -----------------------------------------------------------------------
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad argument ends in one line on stderr, `error: ...`, like every other error."""
-
-    def error(self, message):
-        sys.exit(f"error: {message}")
-
-
-def checked(kind, ok, what: str):
-    """An argparse type: text -> a finite kind (int or float) for which ok(value) holds, else an
-    error saying that the argument must be `what`."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value) or not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
-        return value
-    return parse
-
-
-positive_int = checked(int, lambda x: x > 0, "an integer > 0")
-count = checked(int, lambda x: x >= 0, "an integer >= 0")
-positive = checked(float, lambda x: x > 0, "a finite number > 0")
-nonnegative = checked(float, lambda x: x >= 0, "a finite number >= 0")
-fraction = checked(float, lambda x: 0 <= x <= 1, "a number in [0, 1]")
 
 
 def hh_questions(path: str) -> list:

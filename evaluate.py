@@ -36,6 +36,7 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
+import cli
 import data
 import mote
 import sample
@@ -199,17 +200,17 @@ def print_summary(summary: dict):
 
 
 def main(argv=None):
-    p = data.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", help="base checkpoint (default: the one the adapters were trained on)")
     p.add_argument("--adapters", help="a train.py output directory, or its adapters.safetensors")
     p.add_argument("--path", choices=list(sample.PATHS), default="auto", help="inference path (with adapters)")
     p.add_argument("--sets", default="strongreject,hh,benign", help=f"comma-separated, of {list(SETS)}")
     p.add_argument("--hh", default=HH_DEFAULT, help="HH-RLHF file whose held-out questions form the hh set")
-    p.add_argument("--limit", type=data.count, default=0, help="first N prompts of each set (0: all)")
+    p.add_argument("--limit", type=cli.count, default=0, help="first N prompts of each set (0: all)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--batch-size", type=data.positive_int, default=16)
-    p.add_argument("--max-new-tokens", type=data.positive_int, default=256)
-    p.add_argument("--max-step-tokens", type=data.count, default=0, help="with adapters: close a step after this many tokens")
+    p.add_argument("--batch-size", type=cli.positive_int, default=16)
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=256)
+    p.add_argument("--max-step-tokens", type=cli.count, default=0, help="with adapters: close a step after this many tokens")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="the model's dtype; auto: bf16 on CUDA, fp32 on CPU")
     args = p.parse_args(argv)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-import data
+import cli
 import mote
 import tokenizer
 from model import CheckpointError, KVCache, Transformer, causal_mask, resolve_dtype
@@ -280,7 +280,7 @@ def read_prompts(path: str) -> list:
 
 
 def main(argv=None):
-    p = data.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", help="base checkpoint (default: the base the adapters were trained on)")
     p.add_argument("--adapters", help="a train.py output directory, or its adapters.safetensors")
     p.add_argument("--prompt", help="one question")
@@ -288,12 +288,12 @@ def main(argv=None):
     p.add_argument("--out", help="with --prompts: write one JSON record per question here")
     p.add_argument("--path", choices=list(PATHS), default="auto", help="which steps the experts take")
     p.add_argument("--raw", action="store_true", help="continue the prompt as plain text, without the chat template")
-    p.add_argument("--max-new-tokens", type=data.positive_int, default=256)
-    p.add_argument("--max-step-tokens", type=data.count, default=0, help="close a step after this many tokens (0: no limit)")
-    p.add_argument("--temperature", type=data.nonnegative, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=data.fraction, default=0.9)
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=256)
+    p.add_argument("--max-step-tokens", type=cli.count, default=0, help="close a step after this many tokens (0: no limit)")
+    p.add_argument("--temperature", type=cli.nonnegative, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=cli.fraction, default=0.9)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=data.positive_int, default=8)
+    p.add_argument("--batch-size", type=cli.positive_int, default=8)
     p.add_argument("--no-merge", action="store_true",
                    help="with one --prompt, keep the experts routed instead of folding the active ones into W0 at each step")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",

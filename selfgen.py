@@ -37,6 +37,7 @@ from collections import Counter
 import torch
 from tqdm import tqdm
 
+import cli
 import data
 import sample
 
@@ -230,15 +231,15 @@ def decode_text(tok, ids) -> str:
 
 
 def main(argv=None):
-    p = data.ArgumentParser(prog="data.py generate", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="data.py generate", description=__doc__.split("\n")[0])
     p.add_argument("--base", required=True, help="base checkpoint that writes the chains")
     p.add_argument("--questions", required=True, help="HH-RLHF .jsonl(.gz), JSONL with 'question', or text")
     p.add_argument("--out", required=True, help="chains JSONL (appended to: a rerun resumes)")
-    p.add_argument("--limit", type=data.count, default=0, help="use the first N questions that are not held out")
-    p.add_argument("--batch-size", type=data.positive_int, default=8)
-    p.add_argument("--max-new-tokens", type=data.positive_int, default=160, help="per stage")
-    p.add_argument("--temperature", type=data.nonnegative, default=0.2, help="0: greedy (SmolLM2's card suggests 0.2)")
-    p.add_argument("--top-p", type=data.fraction, default=0.9)
+    p.add_argument("--limit", type=cli.count, default=0, help="use the first N questions that are not held out")
+    p.add_argument("--batch-size", type=cli.positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=cli.positive_int, default=160, help="per stage")
+    p.add_argument("--temperature", type=cli.nonnegative, default=0.2, help="0: greedy (SmolLM2's card suggests 0.2)")
+    p.add_argument("--top-p", type=cli.fraction, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="the model's dtype; auto: bf16 on CUDA, fp32 on CPU")

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+import cli
 import data
 import mote
 import tokenizer
@@ -33,30 +34,30 @@ from model import CheckpointError, Transformer, resolve_dtype
 
 
 def parse_args(argv=None):
-    p = data.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", required=True, help="base checkpoint (.safetensors file or directory)")
     p.add_argument("--data", required=True, help="JSONL reasoning chains (see README: data format)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--epochs", type=data.positive, default=3, help="paper: 3")
-    p.add_argument("--max-iters", type=data.count, default=0, help="stop after this many optimizer steps (0: epochs decide)")
-    p.add_argument("--lr", type=data.positive, default=2e-5, help="peak learning rate (paper: 2e-5; LoRA usually wants ~1e-4 to 1e-3)")
-    p.add_argument("--batch-size", type=data.positive_int, default=16, help="chains per optimizer step (paper: 16)")
-    p.add_argument("--micro-batch", type=data.positive_int, default=4, help="chains per forward pass; gradients accumulate to --batch-size")
-    p.add_argument("--warmup", type=data.fraction, default=0.05, help="warmup, as a fraction of the iterations")
-    p.add_argument("--weight-decay", type=data.nonnegative, default=0.0)
-    p.add_argument("--clip", type=data.positive, default=1.0, help="gradient-norm clipping")
-    p.add_argument("--rank", type=data.positive_int, default=16)
-    p.add_argument("--lora-alpha", type=data.positive, default=32.0, help="LoRA scale = lora_alpha / rank")
-    p.add_argument("--alpha", type=data.fraction, default=0.5, help="step-expert weight; the shared expert gets 1 - alpha")
-    p.add_argument("--skip-p", type=data.fraction, default=0.2, help="probability of dropping each earlier step (0: no skipping)")
+    p.add_argument("--epochs", type=cli.positive, default=3, help="paper: 3")
+    p.add_argument("--max-iters", type=cli.count, default=0, help="stop after this many optimizer steps (0: epochs decide)")
+    p.add_argument("--lr", type=cli.positive, default=2e-5, help="peak learning rate (paper: 2e-5; LoRA usually wants ~1e-4 to 1e-3)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=16, help="chains per optimizer step (paper: 16)")
+    p.add_argument("--micro-batch", type=cli.positive_int, default=4, help="chains per forward pass; gradients accumulate to --batch-size")
+    p.add_argument("--warmup", type=cli.fraction, default=0.05, help="warmup, as a fraction of the iterations")
+    p.add_argument("--weight-decay", type=cli.nonnegative, default=0.0)
+    p.add_argument("--clip", type=cli.positive, default=1.0, help="gradient-norm clipping")
+    p.add_argument("--rank", type=cli.positive_int, default=16)
+    p.add_argument("--lora-alpha", type=cli.positive, default=32.0, help="LoRA scale = lora_alpha / rank")
+    p.add_argument("--alpha", type=cli.fraction, default=0.5, help="step-expert weight; the shared expert gets 1 - alpha")
+    p.add_argument("--skip-p", type=cli.fraction, default=0.2, help="probability of dropping each earlier step (0: no skipping)")
     p.add_argument("--routing", choices=("step", "token", "single"), default="step",
                    help="step: MoTE; token: gated MoE baseline; single: one LoRA")
     p.add_argument("--no-shared", action="store_true", help="ablation: no shared expert (the step expert gets weight 1)")
-    p.add_argument("--balance-coef", type=data.nonnegative, default=0.01, help="load-balancing loss weight (--routing token)")
-    p.add_argument("--max-len", type=data.positive_int, default=1024, help="longer chains are dropped and counted")
-    p.add_argument("--val-frac", type=data.fraction, default=0.1, help="share of chains held out for validation")
-    p.add_argument("--eval-every", type=data.count, default=0, help="validate every N iterations (0: at the end only)")
-    p.add_argument("--save-every", type=data.positive_int, default=50, help="write the resumable checkpoint every N iterations")
+    p.add_argument("--balance-coef", type=cli.nonnegative, default=0.01, help="load-balancing loss weight (--routing token)")
+    p.add_argument("--max-len", type=cli.positive_int, default=1024, help="longer chains are dropped and counted")
+    p.add_argument("--val-frac", type=cli.fraction, default=0.1, help="share of chains held out for validation")
+    p.add_argument("--eval-every", type=cli.count, default=0, help="validate every N iterations (0: at the end only)")
+    p.add_argument("--save-every", type=cli.positive_int, default=50, help="write the resumable checkpoint every N iterations")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing (an 8B base on 24 GB)")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="the base's dtype; auto: bf16 on CUDA, fp32 on CPU. Experts always train in fp32")

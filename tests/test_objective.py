@@ -187,3 +187,28 @@ def test_each_ablation_flag_changes_exactly_what_it_names(base, monkeypatch, fla
 def test_drop_rate_is_p_for_earlier_steps_and_zero_for_the_response():
     drops = mote.draw_drops(20000, 0.3, torch.Generator().manual_seed(0)).float().mean(0)
     assert abs(drops[0] - 0.3) < 0.015 and abs(drops[1] - 0.3) < 0.015 and drops[2] == 0
+
+
+def test_a_fresh_token_gate_spreads_tokens_over_the_experts():
+    """The gated baseline starts near-uniform but not tied: different tokens pick different top-2
+    (a zero gate ties every expert, and topk then sends every token to the same two)."""
+    model = tiny_model(routing="token")
+    batch = data.collate([data.encode_chain(TOK, c, V) for c in CHAINS], TOK.eot_id)
+    model.hidden(batch[0], route=mote.route(mote.token_steps(batch[0], V), torch.zeros(4, dtype=torch.long)))
+    for b in mote.banks(model):
+        assert len({tuple(sorted(t)) for t in b.gate_top.flatten(0, -2).tolist()}) > 1
+        assert b.gate_probs.max() < 0.5  # near-uniform over 4 experts
+
+
+def test_the_balance_loss_counts_only_the_chains_step_tokens():
+    """Padding and the question are left out: chain_loss's balance loss equals the banks' loss over
+    the tokens of the steps, located from the texts alone (block_ranges)."""
+    model = tiny_model(routing="token")
+    batch = data.collate([data.encode_chain(TOK, c, V) for c in CHAINS], TOK.eot_id)
+    counted = torch.zeros_like(batch[0], dtype=torch.bool)
+    for i, chain in enumerate(CHAINS):
+        for block, first, end in block_ranges(chain)[1:]:
+            counted[i, first:end] = True
+    _, _, balance = train.chain_loss(model, batch, V, torch.zeros(4, dtype=torch.long), torch.zeros(4, 3, dtype=torch.bool))
+    torch.testing.assert_close(balance, torch.stack([b.balance_loss(counted) for b in mote.banks(model)]).mean())
+    assert not torch.allclose(balance, torch.stack([b.balance_loss(batch[2]) for b in mote.banks(model)]).mean())
