@@ -257,25 +257,28 @@ def load(base: str | None, adapters: str | None, device: str, dtype: str = "auto
     return model, tok
 
 
-def read_prompts(path: str) -> list:
-    """Questions from a file: one per line, or JSON objects with a 'question' string."""
+def read_prompts(path: str) -> dict:
+    """Questions from a file: one per line, or JSON objects with a 'question' string. Blank lines
+    are skipped. -> {line number in the file: question}, in file order."""
     try:
-        lines = [line for line in open(path, encoding="utf-8").read().splitlines() if line.strip()]
+        lines = open(path, encoding="utf-8").read().splitlines()
     except OSError as e:
         sys.exit(f"error: {path}: {e.strerror}")
     except UnicodeDecodeError as e:
         sys.exit(f"error: {path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8")
-    if not lines:
-        sys.exit(f"error: {path}: no questions (the file is empty or blank)")
-    questions = []
+    questions = {}
     for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
             q = json.loads(line)["question"] if line.lstrip().startswith("{") else line
         except (json.JSONDecodeError, KeyError, TypeError):
             q = None
         if not isinstance(q, str) or not q.strip():
             sys.exit(f"error: {path}:{n}: expected a question per line or a JSON object with a 'question' string")
-        questions.append(q)
+        questions[n] = q
+    if not questions:
+        sys.exit(f"error: {path}: no questions (the file is empty or blank)")
     return questions
 
 
@@ -326,14 +329,14 @@ def main(argv=None):
         print(f"\n({len(ids)} tokens in {seconds:.1f} s, {len(ids) / seconds:.1f} tokens/s)", file=sys.stderr)
         return
 
-    sink = open(args.out, "w") if args.out else None
-    encoded = [encode(q) for q in questions]
-    for n, ids in enumerate(encoded, 1):
+    encoded = [encode(q) for q in questions.values()]
+    for n, ids in zip(questions, encoded):
         if len(ids) >= model.args.max_seq_len:
-            sys.exit(f"error: {args.prompts}: question {n} has {len(ids)} tokens, more than the model's context "
-                     f"({model.args.max_seq_len})")
+            sys.exit(f"error: {args.prompts}:{n}: the question has {len(ids)} tokens, more than the model's context "
+                     f"({model.args.max_seq_len}); shorten it")
+    sink = open(args.out, "w") if args.out else None  # only now: a bad file leaves --out as it was
     outs = generate_batches(model, tok, encoded, args.batch_size, **gen)
-    for q, ids in zip(questions, outs):
+    for q, ids in zip(questions.values(), outs):
         record = {"question": q, "path": args.path if experts else None, "n_tokens": len(ids)}
         if experts:
             record |= {k: tok.decode(v).strip() for k, v in split_steps(ids, V, tok.stop_ids).items()}

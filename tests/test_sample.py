@@ -139,7 +139,10 @@ def test_a_bad_prompts_file_is_one_line_naming_file_and_line(tmp_path):
         sample.main(["--base", "unused.safetensors", "--prompts", str(bad)])
     good = tmp_path / "good.txt"
     good.write_text('How do I bake bread?\n\n{"question": "Is it late?"}\n')
-    assert sample.read_prompts(str(good)) == ["How do I bake bread?", "Is it late?"]
+    assert sample.read_prompts(str(good)) == {1: "How do I bake bread?", 3: "Is it late?"}
+    bad.write_text('How do I bake bread?\n\n{"question": 3}\n')  # the line number counts blank lines
+    with pytest.raises(SystemExit, match=r"q.txt:3: expected a question"):
+        sample.main(["--base", "unused.safetensors", "--prompts", str(bad)])
 
 
 def test_prompts_file_to_jsonl_end_to_end(tmp_path):
