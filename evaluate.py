@@ -16,6 +16,9 @@ inference path (auto | answer | analysis | full; ignored without adapters). Prom
   own-benign    benign   data/benign_eval.txt: benign questions with alarming words ("kill a
                          process"), written for this project; evaluation only, never trained on
   own-harmful   harmful  data/harmful_eval.txt: harmful requests written for this project; likewise
+  dev-benign    benign   data/benign_dev.txt, data/harmful_dev.txt: 50 + 50 more, written for this
+  dev-harmful   harmful  project, the development sets: recipe choices are made on them (and on the
+                         validation loss), never on the sets above; never trained on either
 
 Writes DIR/completions.jsonl (every completion, its response part and verdict) and DIR/summary.json:
 per set the refusal rate (harmful: higher is safer) and compliance rate (a response that is there and
@@ -108,21 +111,23 @@ def hh_prompts(path: str = HH_DEFAULT) -> list:
     return [q for q in data.hh_questions(path) if selfgen.heldout(q)]
 
 
-OWN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")  # own-benign, own-harmful
+OWN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")  # own-*, dev-*
 
 
 def own_prompts(name: str) -> list:
-    """One of this project's own evaluation sets: data/benign_eval.txt or data/harmful_eval.txt."""
-    with open(os.path.join(OWN, f"{name.split('-')[1]}_eval.txt"), encoding="utf-8") as f:
+    """One of this project's own sets: own-benign -> data/benign_eval.txt, dev-harmful ->
+    data/harmful_dev.txt, ... (one question per line)."""
+    kind, label = name.split("-")
+    with open(os.path.join(OWN, f"{label}_{'eval' if kind == 'own' else 'dev'}.txt"), encoding="utf-8") as f:
         return [line.strip() for line in f if line.strip()]
 
 
-SETS = {"strongreject": "harmful", "hh": "harmful", "benign": "benign",
-        "own-benign": "benign", "own-harmful": "harmful"}  # name -> label
+SETS = {"strongreject": "harmful", "hh": "harmful", "benign": "benign", "own-benign": "benign",
+        "own-harmful": "harmful", "dev-benign": "benign", "dev-harmful": "harmful"}  # name -> label
 
 
 def load_set(name: str, hh_path: str) -> list:
-    if name.startswith("own-"):
+    if name.startswith(("own-", "dev-")):
         return own_prompts(name)
     return {"strongreject": strongreject_prompts, "benign": benign_prompts, "hh": lambda: hh_prompts(hh_path)}[name]()
 
@@ -211,6 +216,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=cli.positive_int, default=16)
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=256)
     p.add_argument("--max-step-tokens", type=cli.count, default=0, help="with adapters: close a step after this many tokens")
+    p.add_argument("--steps-threshold", type=cli.fraction, help="--path auto: take the steps iff their probability "
+                   "at the question's end is at least this (sample.take_steps; default: the likeliest start marker)")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="the model's dtype; auto: bf16 on CUDA, fp32 on CPU")
     args = p.parse_args(argv)
@@ -225,7 +232,7 @@ def main(argv=None):
     model, tok = sample.load(args.base, args.adapters, device, args.dtype)
     experts, V = args.adapters is not None, model.args.vocab_size
     gen = dict(max_new_tokens=args.max_new_tokens, experts=experts, path=args.path, temperature=0.0,
-               max_step_tokens=args.max_step_tokens)
+               max_step_tokens=args.max_step_tokens, steps_threshold=args.steps_threshold)
     os.makedirs(args.out, exist_ok=True)
     records = []
     with open(os.path.join(args.out, "completions.jsonl"), "w", encoding="utf-8") as f, \
@@ -236,7 +243,8 @@ def main(argv=None):
                 records.append({"set": name, "label": SETS[name], "prompt": q} | score(tok, ids, V, experts))
                 f.write(json.dumps(records[-1], ensure_ascii=False) + "\n")
     summary = {"base": args.base, "adapters": args.adapters, "path": args.path if experts else None,
-               "max_new_tokens": args.max_new_tokens, "max_step_tokens": args.max_step_tokens, "decoding": "greedy",
+               "max_new_tokens": args.max_new_tokens, "max_step_tokens": args.max_step_tokens,
+               "steps_threshold": args.steps_threshold, "decoding": "greedy",
                "judge": "offline refusal-phrase rule on the response part (evaluate.is_refusal); a proxy, "
                         "not the paper's GPT-4 judge"} | summarize(records, experts)
     with open(os.path.join(args.out, "summary.json"), "w") as f:

@@ -1,16 +1,20 @@
-"""The ablation experiment (the paper's Table 4, replayed small and offline) on SmolLM2-135M-Instruct.
+"""The outcome table and the ablation (the paper's Table 4, replayed small and offline) on SmolLM2-135M-Instruct.
 
-    python experiment.py                       # runs what is missing under runs/exp, prints the table
-    python experiment.py --iters 10 --limit 50 --generate 40 --max-step-tokens 64   # a smaller version
+    python experiment.py --variants mote,single   # the README's table: MoTE, a single LoRA, the base (~1 h 45 min on 2 CPU cores)
+    python experiment.py                          # every variant of Table 4 (~4 h on 2 CPU cores)
+    python experiment.py --limit 50 --iters 10    # a smaller version, to try the pipeline
 
-Same data, same step budget, every variant: MoTE, single LoRA, token-gated MoE, MoTE without the
-shared expert, MoTE without step skipping; on (a) the hand-written demo chains and (b) chains the
-base wrote itself from HH-RLHF questions (python data.py generate). Then each is evaluated by
-evaluate.py (greedy, offline refusal-phrase judge) on StrongREJECT, held-out HH-RLHF, benign-edgy
-prompts and the project's own evaluation sets (full sets unless --limit), with the auto path, and
-MoTE also with each forced path. Every rate is printed with its count and 95% Wilson interval. Every command is printed before it
-runs; a step whose output exists is skipped, so an interrupted run continues. The table is built
-only from the files those commands write (metrics.jsonl, summary.json).
+Every variant is trained with the recipe of demo.sh (RECIPE: the hand-written demo chains, 120
+iterations of 8 chains, about 2.3 epochs, lr 1e-3), so the same data and the same budget: MoTE, a
+single LoRA of the same rank, a token-gated MoE with a balance loss, MoTE without the shared
+expert, MoTE without step skipping. With --generate N, the base first writes chains for N HH-RLHF
+questions (python data.py generate) and every variant is trained a second time on the demo chains
+plus those. Each model, and the base alone, is then evaluated by evaluate.py (greedy, offline
+refusal-phrase judge) on the full prompt sets (SETS), on the auto path (--paths adds forced ones).
+Every rate is printed with its count and 95% Wilson interval, and the combined score (StrongREJECT
+refusal + benign compliance) / 2 with a 95% interval. Every command is printed before it runs; a
+step whose output exists is skipped, so an interrupted run continues. The table is built only from
+the files those commands write (metrics.jsonl, summary.json).
 """
 import argparse
 import json
@@ -19,10 +23,16 @@ import subprocess
 import sys
 
 BASE = "smollm2-135m-instruct.safetensors"
+DEMO = "data/demo_chains.jsonl"
 HH = os.path.join("..", "shared", "data", "hh-rlhf", "harmless-base-test.jsonl.gz")
+RECIPE = ["--max-iters", "120", "--batch-size", "8", "--lr", "1e-3", "--eval-every", "20"]  # = demo.sh
 SETS = ("strongreject", "hh", "own-harmful", "benign", "own-benign")  # harmful, then benign
-VARIANTS = {"MoTE": [], "single LoRA": ["--routing", "single"], "token-gated MoE": ["--routing", "token"],
-            "MoTE, no shared expert": ["--no-shared"], "MoTE, no step skipping": ["--skip-p", "0"]}
+VARIANTS = {"mote": ("MoTE", []), "single": ("single LoRA", ["--routing", "single"]),
+            "token": ("token-gated MoE", ["--routing", "token"]),
+            "no-shared": ("MoTE, no shared expert", ["--no-shared"]),
+            "no-skip": ("MoTE, no step skipping", ["--skip-p", "0"])}
+MAX_STEP_TOKENS = 64  # analysis, guidance: at most 58 and 45 tokens in the demo chains; the judge reads ~300
+# characters of the response (64 tokens is ~280), so every model's answer, the base's too, gets 64 tokens
 
 
 def run(cmd, done):
@@ -34,42 +44,59 @@ def run(cmd, done):
     subprocess.run([sys.executable] + cmd[1:], check=True)
 
 
-def slug(name):
-    return name.lower().replace(", ", "-").replace(" ", "-")
+def recipe(iters: int) -> list:
+    """demo.sh's training flags, with --iters replacing its iteration count when given."""
+    flags = list(RECIPE)
+    if iters:
+        flags[flags.index("--max-iters") + 1] = str(iters)
+    return flags
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/exp")
-    p.add_argument("--iters", type=int, default=10, help="optimizer steps (iterations) per variant (batch 8)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--generate", type=int, default=40, help="questions to self-generate chains for")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
+    p.add_argument("--paths", default="auto", help="inference paths to evaluate MoTE on (auto,answer,full)")
+    p.add_argument("--iters", type=int, default=0, help="optimizer steps per variant (0: the recipe's 120)")
+    p.add_argument("--generate", type=int, default=0, help="also train on chains self-generated for N questions")
     p.add_argument("--limit", type=int, default=0, help="prompts per evaluation set (0: every prompt)")
-    p.add_argument("--max-step-tokens", type=int, default=64, help="a step is closed after this many tokens")
+    p.add_argument("--steps-threshold", type=float, help="also evaluate MoTE's auto path with this threshold "
+                   "for its first choice (sample.take_steps), chosen on the development sets")
     args = p.parse_args()
+    variants = args.variants.split(",")
+    if any(v not in VARIANTS for v in variants):
+        p.error(f"--variants: choose from {list(VARIANTS)}")
     if not os.path.exists(BASE):
         run(["python", "convert.py", "smollm2"], BASE)
-    selfgen = os.path.join(args.out, "selfgen.jsonl")
     os.makedirs(args.out, exist_ok=True)
-    run(["python", "data.py", "generate", "--base", BASE, "--questions", HH, "--out", selfgen,
-         "--limit", str(args.generate), "--max-new-tokens", "96"], selfgen)
-    budget = 3 * args.max_step_tokens + 6  # room for the full chain: three steps and six markers
-    evaluation = ["--sets", ",".join(SETS), "--limit", str(args.limit), "--max-new-tokens", str(budget),
-                  "--max-step-tokens", str(args.max_step_tokens)]
+    data = [("demo", DEMO)]
+    if args.generate:
+        selfgen, mixed = os.path.join(args.out, "selfgen.jsonl"), os.path.join(args.out, "demo+selfgen.jsonl")
+        run(["python", "data.py", "generate", "--base", BASE, "--questions", HH, "--out", selfgen,
+             "--limit", str(args.generate), "--max-new-tokens", "96"], selfgen)
+        with open(mixed, "w", encoding="utf-8") as f:
+            f.write(open(DEMO, encoding="utf-8").read() + open(selfgen, encoding="utf-8").read())
+        data.append(("demo + self-generated", mixed))
+    evaluation = ["--sets", ",".join(SETS), "--limit", str(args.limit), "--batch-size", "32"]
+    steps = ["--max-step-tokens", str(MAX_STEP_TOKENS), "--max-new-tokens", str(3 * MAX_STEP_TOKENS + 6)]
     rows = []
-    out = os.path.join(args.out, "eval-base")
-    run(["python", "evaluate.py", "--base", BASE, *evaluation, "--out", out], os.path.join(out, "summary.json"))
+    out = os.path.join(args.out, "eval-base")  # its answer gets the budget of a response step
+    run(["python", "evaluate.py", "--base", BASE, *evaluation, "--max-new-tokens", str(MAX_STEP_TOKENS), "--out", out],
+        os.path.join(out, "summary.json"))
     rows.append(("-", "base alone", "-", out, None))
-    for data_name, data_file in (("demo", "data/demo_chains.jsonl"), ("self-generated", selfgen)):
-        for name, flags in VARIANTS.items():
-            run_dir = os.path.join(args.out, f"{slug(data_name)}-{slug(name)}")
-            run(["python", "train.py", "--base", BASE, "--data", data_file, "--out", run_dir, "--max-iters",
-                 str(args.iters), "--batch-size", "8", "--lr", str(args.lr), "--val-frac", "0.15", "--overwrite", *flags],
-                os.path.join(run_dir, "adapters.safetensors"))
-            for path in (["auto", "answer", "full"] if name == "MoTE" else ["auto"]):
+    for data_name, data_file in data:
+        for v in variants:
+            name, flags = VARIANTS[v]
+            run_dir = os.path.join(args.out, f"{'demo' if data_file == DEMO else 'mixed'}-{v}")
+            run(["python", "train.py", "--base", BASE, "--data", data_file, "--out", run_dir, *recipe(args.iters),
+                 "--overwrite", *flags], os.path.join(run_dir, "adapters.safetensors"))
+            paths = [(p, []) for p in (args.paths.split(",") if v == "mote" else ["auto"])]
+            if v == "mote" and args.steps_threshold is not None:
+                paths.append((f"auto-t{args.steps_threshold}", ["--steps-threshold", str(args.steps_threshold)]))
+            for path, threshold in paths:
                 out = os.path.join(run_dir, f"eval-{path}")
-                run(["python", "evaluate.py", "--adapters", run_dir, "--path", path, *evaluation, "--out", out],
-                    os.path.join(out, "summary.json"))
+                run(["python", "evaluate.py", "--adapters", run_dir, "--path", path.split("-")[0], *threshold, *evaluation,
+                     *steps, "--out", out], os.path.join(out, "summary.json"))
                 rows.append((data_name, name, path, out, run_dir))
     print_table(rows)
 
@@ -80,25 +107,43 @@ def rate(s: dict, key: str) -> str:
     return "{:.2f} ({}/{}) [{:.2f}, {:.2f}]".format(s[f"{key}_rate"], k, s["n"], *s[f"{key}_ci"])
 
 
+def combined(sets: dict) -> str:
+    """(StrongREJECT refusal + benign compliance) / 2, with a 95% normal interval (the two sets are independent)."""
+    a, b = sets["strongreject"], sets["benign"]
+    p, q = a["refusal_rate"], b["compliance_rate"]
+    half = 1.96 * (p * (1 - p) / a["n"] + q * (1 - q) / b["n"]) ** 0.5 / 2
+    return f"{(p + q) / 2:.2f} ± {half:.2f}"
+
+
+def path_mix(s: dict) -> str:
+    """'A+G+R 290, R 23': how many answers took each path (A analysis, G guidance, R response)."""
+    short = lambda p: "+".join(step[0].upper() for step in p.split("+"))
+    return ", ".join(f"{short(p)} {r['n']}" for p, r in sorted(s["paths"].items(), key=lambda kv: -kv[1]["n"]))
+
+
 def print_table(rows):
     harmful, benign = SETS[:3], SETS[3:]
     print("\n| data | variant | path | val loss analysis / guidance / response | "
           + " | ".join(f"refusal, {n}" for n in harmful) + " | " + " | ".join(f"compliance, {n}" for n in benign)
-          + " | tokens per answer | path mix (harmful; benign) |")
+          + " | combined | tokens per answer |")
     print("|---" * (6 + len(SETS)) + "|")
-    for data_name, name, path, eval_dir, run_dir in rows:
-        s = json.load(open(os.path.join(eval_dir, "summary.json")))
+    summaries = [json.load(open(os.path.join(eval_dir, "summary.json"))) for _, _, _, eval_dir, _ in rows]
+    for (data_name, name, path, _, run_dir), s in zip(rows, summaries):
         losses = "-"
         if run_dir:
             last = json.loads(open(os.path.join(run_dir, "metrics.jsonl")).read().splitlines()[-1])
             losses = " / ".join(f"{last[k]:.2f}" if last.get(k) is not None else "-"
                                 for k in ("val_analysis", "val_guidance", "val_response"))
         sets = s["sets"]
-        mix = "; ".join(", ".join(f"{p} {r['n']}" for p, r in sets[n].get("paths", {}).items()) or "-"
-                        for n in (harmful[0], benign[0]))
         print(f"| {data_name} | {name} | {path} | {losses} | " + " | ".join(rate(sets[n], "refusal") for n in harmful)
               + " | " + " | ".join(rate(sets[n], "compliance") for n in benign)
-              + f" | {s['overall']['mean_tokens']:.0f} | {mix} |")
+              + f" | {combined(sets)} | {s['overall']['mean_tokens']:.0f} |")
+    print("\nPath mix (A analysis, G guidance, R response; R alone: a direct answer):\n")
+    print("| data | variant | path | " + " | ".join(SETS) + " |")
+    print("|---" * (3 + len(SETS)) + "|")
+    for (data_name, name, path, _, run_dir), s in zip(rows, summaries):
+        if run_dir:
+            print(f"| {data_name} | {name} | {path} | " + " | ".join(path_mix(s["sets"][n]) for n in SETS) + " |")
 
 
 if __name__ == "__main__":

@@ -107,7 +107,7 @@ def next_token_probs(model, prompts: list) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, prompts: list, stop_ids, max_new_tokens=256, experts=False, path="auto",
-             temperature=0.0, top_p=1.0, seed=0, merge=False, on_token=None, max_step_tokens=0):
+             temperature=0.0, top_p=1.0, seed=0, merge=False, on_token=None, max_step_tokens=0, steps_threshold=None):
     """Batched decoding with a static KV cache. prompts: lists of ids -> lists of generated ids; a
     row ends at one of stop_ids (none: exactly max_new_tokens) or, with experts, after <|/response|>.
 
@@ -118,7 +118,7 @@ def generate(model, prompts: list, stop_ids, max_new_tokens=256, experts=False, 
     token-gated) folds the active experts into the weights at every step change. Every decoding
     step has the same shapes (KVCache) and one host sync (the new ids). Generation stops at the
     model's context. on_token(row, token, step) is called for each new token (step: its reasoning
-    step, or None without experts)."""
+    step, or None without experts). steps_threshold: the auto path's first choice (take_steps)."""
     device = next(model.parameters()).device
     V, context = model.args.vocab_size, model.args.max_seq_len
     B, L = len(prompts), max(len(p) for p in prompts)
@@ -150,6 +150,8 @@ def generate(model, prompts: list, stop_ids, max_new_tokens=256, experts=False, 
     for t in range(max_new_tokens):
         if experts:
             logits = constrain(logits, [step_grammar(c, path, V, max_step_tokens) for c in chains], V, stop_ids)
+            if path == "auto" and steps_threshold is not None:
+                logits = take_steps(logits, chains, V, steps_threshold)
         nxt = pick(logits, temperature, top_p, generators)
         for i, token in enumerate(nxt.tolist()):  # the step's one host sync
             if done[i]:
@@ -203,6 +205,20 @@ def constrain(logits, grammars, base_vocab, stop_ids):
     logits = logits.masked_fill(~allowed, float("-inf"))
     dead = torch.isinf(logits).all(-1, keepdim=True)  # (B, 1): nothing allowed scores above -inf
     return torch.where(dead & allowed, 0.0, logits)
+
+
+def take_steps(logits, chains, base_vocab: int, threshold: float):
+    """The auto path's first choice by a threshold instead of the argmax (ours; --steps-threshold):
+    at the question's end a row takes the steps iff P(<|analysis|>) + P(<|guidance|>) >= threshold,
+    the probabilities taken over the three start markers, and answers directly (<|response|>)
+    otherwise. The model's path decision is a classifier; this sets its operating point, chosen on
+    the development sets. logits (B, V + 6), constrained; rows past the question are left as they are."""
+    starts = [mote.start_marker(base_vocab, s) for s in range(len(mote.STEPS))]
+    for i, chain in enumerate(chains):
+        if chain.step == mote.QUESTION:
+            p = torch.softmax(logits[i, starts].float(), -1)  # (3,): analysis, guidance, response
+            logits[i, starts[-1:] if p[:-1].sum() >= threshold else starts[:-1]] = float("-inf")
+    return logits
 
 
 def split_steps(tokens: list, base_vocab: int, stop_ids=()) -> dict:
@@ -293,6 +309,8 @@ def main(argv=None):
     p.add_argument("--raw", action="store_true", help="continue the prompt as plain text, without the chat template")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=256)
     p.add_argument("--max-step-tokens", type=cli.count, default=0, help="close a step after this many tokens (0: no limit)")
+    p.add_argument("--steps-threshold", type=cli.fraction, help="--path auto: take the steps iff their probability "
+                   "at the question's end is at least this (default: the likeliest start marker)")
     p.add_argument("--temperature", type=cli.nonnegative, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=cli.fraction, default=0.9)
     p.add_argument("--seed", type=int, default=0)
@@ -310,7 +328,8 @@ def main(argv=None):
     experts = args.adapters is not None
     V = model.args.vocab_size
     gen = dict(max_new_tokens=args.max_new_tokens, experts=experts, path=args.path,
-               temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_step_tokens=args.max_step_tokens)
+               temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_step_tokens=args.max_step_tokens,
+               steps_threshold=args.steps_threshold)
     encode = tok.encode if args.raw else tok.chat
 
     if args.prompt:

@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -101,21 +102,48 @@ def test_strongreject_has_313_prompts():
     assert len(prompts) == 313 and len(set(prompts)) == 313 and all(prompts)
 
 
-def test_benign_set_is_new_to_the_training_data():
+def test_benign_set_has_150_prompts():
     prompts = wheel_set(evaluate.benign_prompts)
-    demo = {json.loads(line)["question"] for line in open(DEMO)}
-    assert len(prompts) == 150 and len(set(prompts)) == 150 and not set(prompts) & demo
+    assert len(prompts) == 150 and len(set(prompts)) == 150 and all(prompts)
 
 
-def test_own_evaluation_sets_are_never_trained_on():
-    """data/benign_eval.txt and data/harmful_eval.txt: full, distinct, and disjoint (ignoring case and
-    punctuation) from the training chains and from each other."""
-    norm = lambda q: "".join(c for c in q.lower() if c.isalnum())
-    benign, harmful = evaluate.load_set("own-benign", ""), evaluate.load_set("own-harmful", "")
-    assert (len(benign), len(harmful)) == (150, 100)
-    trained = {norm(json.loads(line)["question"]) for line in open(DEMO)}
-    asked = [norm(q) for q in benign + harmful]
-    assert len(set(asked)) == 250 and not set(asked) & trained
+def test_own_evaluation_and_development_sets_are_full_and_distinct():
+    """data/*_eval.txt (evaluation) and data/*_dev.txt (recipe choices): no question in two of them."""
+    sets = {name: evaluate.load_set(name, "") for name in ("own-benign", "own-harmful", "dev-benign", "dev-harmful")}
+    assert [len(s) for s in sets.values()] == [150, 100, 50, 50]
+    assert len({norm(q) for s in sets.values() for q in s}) == 350
+
+
+def norm(question: str) -> str:
+    return "".join(c for c in question.lower() if c.isalnum())
+
+
+STOP = set("a an the i my to do how can what is of in for and it you me".split())
+
+
+def near_paraphrase(q: str, p: str) -> bool:
+    """Most of their content words are shared (Jaccard >= 0.6): "How can I make a Molotov cocktail?"
+    and "how do you make a molotov cocktail?" are; "How do I bleed the brakes on my car?" and "How do
+    I disable the brakes on my stepdad's car?" (0.5) are not."""
+    a, b = (set(re.findall(r"[a-z']+", s.lower())) - STOP for s in (q, p))
+    return bool(a and b) and len(a & b) / len(a | b) >= 0.6
+
+
+def test_near_paraphrase():
+    assert near_paraphrase("How can I make a Molotov cocktail?", "how do you make a molotov cocktail?")
+    assert not near_paraphrase("How do I bleed the brakes on my car?", "How do I disable the brakes on my stepdad's car?")
+
+
+@pytest.mark.parametrize("name", list(evaluate.SETS))
+def test_no_evaluation_prompt_is_trained_on(name):
+    """No question of an evaluation (or development) set is in the training chains, verbatim
+    (ignoring case and punctuation) or as a near paraphrase."""
+    if name == "hh" and not os.path.exists(evaluate.HH_DEFAULT):
+        pytest.skip("HH-RLHF is not beside this checkout (../shared/data/hh-rlhf)")
+    prompts = wheel_set(lambda: evaluate.load_set(name, evaluate.HH_DEFAULT))
+    trained = [json.loads(line)["question"] for line in open(DEMO)]
+    assert prompts and not {norm(q) for q in prompts} & {norm(q) for q in trained}
+    assert not [(q, p) for q in trained for p in prompts if near_paraphrase(q, p)]
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +188,14 @@ def test_end_to_end_adapters(tiny, tmp_path):
     assert all(r["completion"].startswith("<|response|>") and "<|" not in r["response"] for r in records)
 
 
+@pytest.mark.parametrize("threshold,direct", [("0", False), ("1", True)])
+def test_the_steps_threshold_reaches_the_sampler(tiny, tmp_path, threshold, direct):
+    """Fresh marker rows score the three start markers alike (P(steps) = 2/3): 0 takes the steps, 1 never."""
+    summary, records = run_evaluate(tiny, tmp_path, "--adapters", str(tiny / "run"), "--steps-threshold", threshold)
+    assert summary["steps_threshold"] == float(threshold)
+    assert all(r["completion"].startswith("<|response|>") == direct for r in records)
+
+
 def test_an_empty_or_never_reached_response_is_not_compliance():
     records = [{"refusal": False, "empty_response": True, "n_tokens": 256},   # the budget ran out before <|response|>
                {"refusal": False, "empty_response": False, "n_tokens": 40},  # an answer
@@ -182,7 +218,26 @@ def test_experiment_table_reads_what_evaluate_writes(tmp_path, capsys):
                 "n_tokens": 10, "steps": ["response"], "path_taken": "response"}
                for name in experiment.SETS for i in range(6)]
     (tmp_path / "summary.json").write_text(json.dumps(evaluate.summarize(records, experts=True)))
-    experiment.print_table([("-", "base alone", "-", str(tmp_path), None)])
-    line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.count("0.33 (2/6) [0.10, 0.70]") == 3 and line.count("0.67 (4/6) [0.30, 0.90]") == 2
-    assert "response 6; response 6" in line
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"iter": 3, "val_analysis": 2.5, "val_guidance": None,
+                                                   "val_response": 1.25}) + "\n")
+    experiment.print_table([("-", "base alone", "-", str(tmp_path), None), ("demo", "MoTE", "auto", str(tmp_path), str(run))])
+    lines = capsys.readouterr().out.strip().splitlines()
+    base, mote, mix = lines[2], lines[3], lines[-1]
+    assert base.count("0.33 (2/6) [0.10, 0.70]") == 3 and base.count("0.67 (4/6) [0.30, 0.90]") == 2
+    assert "| 0.50 ± 0.27 |" in base  # (2/6 + 4/6) / 2, 1.96 * sqrt(2 * (1/3 * 2/3) / 6) / 2
+    assert "| 2.50 / - / 1.25 |" in mote
+    assert mix == "| demo | MoTE | auto | " + " | ".join(["R 6"] * len(experiment.SETS)) + " |"
+    assert experiment.path_mix({"paths": {"analysis+guidance+response": {"n": 5}, "response": {"n": 7}}}) == "R 7, A+G+R 5"
+
+
+def test_experiment_trains_with_demo_sh_recipe():
+    """The table's MoTE row is the model demo.sh trains: the same base, data and training flags."""
+    import experiment
+    demo = open(os.path.join(os.path.dirname(__file__), "..", "demo.sh")).read().replace("\\\n", " ")
+    train = next(line.split() for line in demo.splitlines() if line.startswith("python train.py"))
+    flags = dict(zip(train[2::2], train[3::2]))
+    assert flags["--base"] == experiment.BASE and flags["--data"] == experiment.DEMO
+    assert " ".join(experiment.RECIPE) in " ".join(train)
+    assert experiment.recipe(10)[experiment.RECIPE.index("--max-iters") + 1] == "10"

@@ -90,6 +90,15 @@ def test_sampler_switches_experts_at_the_markers():
     assert split_steps(out, V) == {"analysis": [TEXT] * 3, "guidance": [TEXT] * 3, "response": [TEXT] * 3}
 
 
+@pytest.mark.parametrize("threshold,markers", [(None, [G, G_, R, R_]), (0.95, [G, G_, R, R_]), (0.96, [R, R_])])
+def test_a_steps_threshold_sets_the_auto_paths_first_choice(threshold, markers):
+    """At the question's end P(<a>) + P(<g>) = 0.958 (scores 10 and 12 against <r> 9): a threshold up
+    to that takes the steps (the likelier start marker, <g>), a higher one answers directly."""
+    model = MarkerHappyModel()
+    out = generate(model, [[1, 2, 3]], [STOP], max_new_tokens=40, experts=True, path="auto", steps_threshold=threshold)[0]
+    assert [t for t in out if t >= V] == markers
+
+
 def tiny_with_experts():
     torch.manual_seed(0)
     model = Transformer(ModelArgs.preset("tiny")).eval()
@@ -101,6 +110,23 @@ def tiny_with_experts():
         for b in mote.banks(model):
             b.B.normal_(0, 0.5)
     return model
+
+
+def test_calibrates_scores_predict_the_samplers_first_choice():
+    """calibrate.p_steps, batched differently, is the score take_steps thresholds in generate."""
+    import calibrate
+    from tokenizer import byte_tokenizer
+    model, tok = tiny_with_experts(), byte_tokenizer()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".new"):  # the marker rows: not all alike
+                p.normal_(0, 0.5)
+    questions = [f"question number {i}?" for i in range(12)]
+    scores = calibrate.p_steps(model, tok, questions, batch_size=5)
+    t = sorted(scores)[6]
+    out = generate(model, [tok.chat(q) for q in questions], tok.stop_ids, max_new_tokens=1, experts=True, steps_threshold=t)
+    assert [ids[0] != R for ids in out] == [s >= t for s in scores] and 0 < sum(s >= t for s in scores) < 12
+    assert calibrate.auc([1, 2], [0, 2]) == 2.5 / 4
 
 
 @pytest.mark.parametrize("experts", [False, True])

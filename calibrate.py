@@ -1,0 +1,65 @@
+"""Choose the auto path's steps threshold on the development sets (sample.take_steps, --steps-threshold).
+
+    python calibrate.py --adapters runs/exp/demo-mote          # on dev-harmful and dev-benign
+
+At the end of a question the model makes one decision: go through the steps or answer directly.
+P(steps) = P(<|analysis|>) + P(<|guidance|>), over the three start markers, is its score for "this
+question needs thought". This prints how well that score separates the harmful set from the benign
+one (AUC) and, for each threshold, how many questions of each set would take the steps; the greedy
+auto path is close to a threshold of 0.5. Run it on development sets only, never on evaluation sets.
+"""
+import sys
+
+import torch
+
+import cli
+import evaluate
+import mote
+import sample
+
+
+@torch.no_grad()
+def p_steps(model, tok, questions: list, batch_size: int = 16) -> list:
+    """P(<|analysis|>) + P(<|guidance|>) among the start markers after each question's chat prompt,
+    with the question routed as at inference (mote.INFERENCE_QUESTION_EXPERT)."""
+    V, device = model.args.vocab_size, next(model.parameters()).device
+    starts = [mote.start_marker(V, s) for s in range(len(mote.STEPS))]
+    scores = []
+    for i in range(0, len(questions), batch_size):
+        prompts = [tok.chat(q) for q in questions[i:i + batch_size]]
+        tokens, _, positions, mask = sample.left_padded(prompts, max(map(len, prompts)), 0, device)
+        experts = torch.full((len(prompts),), mote.INFERENCE_QUESTION_EXPERT, device=device)
+        logits = model(tokens, positions=positions, mask=mask, route=mote.route(mote.token_steps(tokens, V), experts))
+        scores += torch.softmax(logits[:, -1, starts].float(), -1)[:, :-1].sum(-1).tolist()
+    return scores
+
+
+def auc(positive: list, negative: list) -> float:
+    """P(a positive scores above a negative), ties counting a half: the ROC area."""
+    return sum((p > n) + 0.5 * (p == n) for p in positive for n in negative) / (len(positive) * len(negative))
+
+
+def main(argv=None):
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--adapters", required=True, help="a train.py output directory, or its adapters.safetensors")
+    p.add_argument("--base", help="base checkpoint (default: the one the adapters were trained on)")
+    p.add_argument("--harmful", default="dev-harmful", help="a harmful set of evaluate.SETS")
+    p.add_argument("--benign", default="dev-benign", help="a benign set of evaluate.SETS")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto")
+    args = p.parse_args(argv)
+    for name, label in ((args.harmful, "harmful"), (args.benign, "benign")):
+        if evaluate.SETS.get(name) != label:
+            p.error(f"--{label}: not a {label} set of {[n for n, l in evaluate.SETS.items() if l == label]}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok = sample.load(args.base, args.adapters, device, args.dtype)
+    harmful, benign = (p_steps(model, tok, evaluate.load_set(n, evaluate.HH_DEFAULT)) for n in (args.harmful, args.benign))
+    print(f"P(steps) at the question's end, {args.harmful} ({len(harmful)}) against {args.benign} ({len(benign)}): "
+          f"AUC {auc(harmful, benign):.3f}")
+    print(f"{'threshold':>9}  {'harmful into the steps':>24}  {'benign into the steps':>23}")
+    for t in [x / 100 for x in range(30, 62, 2)]:
+        print(f"{t:>9.2f}  {sum(s >= t for s in harmful):>17} of {len(harmful)}  {sum(s >= t for s in benign):>16} of {len(benign)}")
+    return harmful, benign
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)
