@@ -1,6 +1,6 @@
 """The outcome table and the ablation (the paper's Table 4, replayed small and offline) on SmolLM2-135M-Instruct.
 
-    python experiment.py --variants mote,single   # the README's table: MoTE, a single LoRA, the base (~1 h 45 min on 2 CPU cores)
+    python experiment.py --variants mote,single   # the README's table: MoTE, a single LoRA, the base (~1 h 30 min on 2 CPU cores)
     python experiment.py                          # every variant of Table 4 (~4 h on 2 CPU cores)
     python experiment.py --limit 50 --iters 10    # a smaller version, to try the pipeline
 
