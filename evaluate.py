@@ -153,7 +153,7 @@ def wilson(k: int, n: int, z: float = 1.96) -> list:
         return [0.0, 1.0]
     p = k / n
     centre, half = p + z * z / (2 * n), z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
-    return [(centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)]
+    return [max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))]  # no -0.000
 
 
 def rates(records: list) -> dict:
