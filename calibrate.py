@@ -8,8 +8,6 @@ question needs thought". This prints how well that score separates the harmful s
 one (AUC) and, for each threshold, how many questions of each set would take the steps; the greedy
 auto path is close to a threshold of 0.5. Run it on development sets only, never on evaluation sets.
 """
-import sys
-
 import torch
 
 import cli
@@ -20,17 +18,16 @@ import sample
 
 @torch.no_grad()
 def p_steps(model, tok, questions: list, batch_size: int = 16) -> list:
-    """P(<|analysis|>) + P(<|guidance|>) among the start markers after each question's chat prompt,
-    with the question routed as at inference (mote.INFERENCE_QUESTION_EXPERT)."""
+    """sample.steps_probability after each question's chat prompt, the question routed as at
+    inference (mote.INFERENCE_QUESTION_EXPERT): the score take_steps thresholds."""
     V, device = model.args.vocab_size, next(model.parameters()).device
-    starts = [mote.start_marker(V, s) for s in range(len(mote.STEPS))]
     scores = []
     for i in range(0, len(questions), batch_size):
         prompts = [tok.chat(q) for q in questions[i:i + batch_size]]
         tokens, _, positions, mask = sample.left_padded(prompts, max(map(len, prompts)), 0, device)
         experts = torch.full((len(prompts),), mote.INFERENCE_QUESTION_EXPERT, device=device)
         logits = model(tokens, positions=positions, mask=mask, route=mote.route(mote.token_steps(tokens, V), experts))
-        scores += torch.softmax(logits[:, -1, starts].float(), -1)[:, :-1].sum(-1).tolist()
+        scores += sample.steps_probability(logits[:, -1], V).tolist()
     return scores
 
 
@@ -62,4 +59,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()

@@ -207,17 +207,23 @@ def constrain(logits, grammars, base_vocab, stop_ids):
     return torch.where(dead & allowed, 0.0, logits)
 
 
+def steps_probability(logits, base_vocab: int):
+    """P(<|analysis|>) + P(<|guidance|>), the probabilities taken over the three start markers: the
+    model's score for thinking before it answers. logits (..., V + 6) -> (...)."""
+    starts = [mote.start_marker(base_vocab, s) for s in range(len(mote.STEPS))]
+    return torch.softmax(logits[..., starts].float(), -1)[..., :-1].sum(-1)
+
+
 def take_steps(logits, chains, base_vocab: int, threshold: float):
     """The auto path's first choice by a threshold instead of the argmax (ours; --steps-threshold):
-    at the question's end a row takes the steps iff P(<|analysis|>) + P(<|guidance|>) >= threshold,
-    the probabilities taken over the three start markers, and answers directly (<|response|>)
-    otherwise. The model's path decision is a classifier; this sets its operating point, chosen on
-    the development sets. logits (B, V + 6), constrained; rows past the question are left as they are."""
+    at the question's end a row takes the steps iff steps_probability >= threshold, and answers
+    directly (<|response|>) otherwise. The model's path decision is a classifier; this sets its
+    operating point, chosen on the development sets (calibrate.py). logits (B, V + 6), constrained;
+    rows past the question are left as they are."""
     starts = [mote.start_marker(base_vocab, s) for s in range(len(mote.STEPS))]
     for i, chain in enumerate(chains):
         if chain.step == mote.QUESTION:
-            p = torch.softmax(logits[i, starts].float(), -1)  # (3,): analysis, guidance, response
-            logits[i, starts[-1:] if p[:-1].sum() >= threshold else starts[:-1]] = float("-inf")
+            logits[i, starts[-1:] if steps_probability(logits[i], base_vocab) >= threshold else starts[:-1]] = float("-inf")
     return logits
 
 
