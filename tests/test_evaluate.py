@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 
 import pytest
 import torch
@@ -241,3 +242,26 @@ def test_experiment_trains_with_demo_sh_recipe():
     assert flags["--base"] == experiment.BASE and flags["--data"] == experiment.DEMO
     assert " ".join(experiment.RECIPE) in " ".join(train)
     assert experiment.recipe(10)[experiment.RECIPE.index("--max-iters") + 1] == "10"
+
+
+def test_experiment_gives_each_variant_its_own_steps_threshold(tmp_path, monkeypatch):
+    """--steps-threshold VARIANT=T adds an auto-tT evaluation of that variant, with T passed to evaluate.py,
+    and none to the variants not named."""
+    import experiment
+    commands = []
+    monkeypatch.setattr(experiment, "run", lambda cmd, done: commands.append(cmd))
+    monkeypatch.setattr(experiment, "print_table", lambda rows: None)
+    monkeypatch.setattr(sys, "argv", ["experiment.py", "--out", str(tmp_path), "--variants", "mote,single,no-skip",
+                                      "--steps-threshold", "mote=0.44", "--steps-threshold", "single=0.6"])
+    experiment.main()
+    evals = {c[c.index("--out") + 1]: c for c in commands if c[1] == "evaluate.py" and "--adapters" in c}
+    assert sorted(os.path.relpath(d, tmp_path) for d in evals) == [
+        "demo-mote/eval-auto", "demo-mote/eval-auto-t0.44", "demo-no-skip/eval-auto",
+        "demo-single/eval-auto", "demo-single/eval-auto-t0.6"]
+    threshold = lambda d: evals[str(tmp_path / d)][evals[str(tmp_path / d)].index("--steps-threshold") + 1]
+    assert threshold("demo-mote/eval-auto-t0.44") == "0.44" and threshold("demo-single/eval-auto-t0.6") == "0.6"
+    assert all("--steps-threshold" not in c for d, c in evals.items() if "-t0" not in d)
+    for bad in ("0.44", "mote=2", "nope=0.5"):
+        monkeypatch.setattr(sys, "argv", ["experiment.py", "--out", str(tmp_path), "--steps-threshold", bad])
+        with pytest.raises(SystemExit):
+            experiment.main()

@@ -129,6 +129,16 @@ def test_calibrates_scores_predict_the_samplers_first_choice():
     assert calibrate.auc([1, 2], [0, 2]) == 2.5 / 4
 
 
+def test_the_suggested_threshold_separates_best():
+    """calibrate.best_threshold: the grid point with most harmful scores at or above it and benign
+    below it; of equals, the one nearest 0.5."""
+    import calibrate
+    harmful, benign = [0.9, 0.7, 0.3, 0.25], [0.1, 0.2, 0.22, 0.35]
+    assert calibrate.best_threshold(harmful, benign) == 0.25  # 4/4 + 3/4 = 1.75 for t in (0.22, 0.25]: nearest 0.5
+    assert calibrate.best_threshold([0.9], [0.1]) == 0.5  # every t in (0.1, 0.9] separates
+    assert calibrate.best_threshold([0.96, 0.97], [0.95, 0.1]) == 0.96
+
+
 @pytest.mark.parametrize("experts", [False, True])
 def test_batch_decoding_equals_one_by_one(experts):
     model = tiny_with_experts() if experts else Transformer(ModelArgs.preset("tiny")).eval()
