@@ -2,7 +2,8 @@
 
     python experiment.py --variants mote,single --steps-threshold mote=0.54 --steps-threshold single=0.38
                                                   # the README's table: MoTE, a single LoRA, the base (~2 h on 2 CPU cores)
-    python experiment.py                          # every variant of Table 4 (~4 h on 2 CPU cores)
+    python experiment.py --steps-threshold mote=0.54 --steps-threshold single=0.38
+                                                  # and every other variant of Table 4 (~4 h on 2 CPU cores)
     python experiment.py --limit 50 --iters 10    # a smaller version, to try the pipeline
 
 Every variant is trained with the recipe of demo.sh (RECIPE: the hand-written demo chains, 120
