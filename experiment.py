@@ -5,6 +5,8 @@
     python experiment.py --steps-threshold mote=0.54 --steps-threshold single=0.38
                                                   # and every other variant of Table 4 (~4 h on 2 CPU cores)
     python experiment.py --limit 50 --iters 10    # a smaller version, to try the pipeline
+    python experiment.py --variants mote,single --lr 2e-3 --out runs/lr --steps-threshold mote=0.49 ...
+                                                  # the same at another learning rate (README, recipe step 7)
 
 Every variant is trained with the recipe of demo.sh (RECIPE: the hand-written demo chains, 120
 iterations of 8 chains, about 1.6 epochs, lr 1e-3), so the same data and the same budget: MoTE, a
@@ -24,6 +26,8 @@ import json
 import os
 import subprocess
 import sys
+
+import cli
 
 BASE = "smollm2-135m-instruct.safetensors"
 DEMO = "data/demo_chains.jsonl"
@@ -58,11 +62,12 @@ def variant_threshold(text: str) -> tuple:
     raise argparse.ArgumentTypeError(f"{text!r}: give VARIANT=T with T in [0, 1], e.g. mote=0.44")
 
 
-def recipe(iters: int) -> list:
-    """demo.sh's training flags, with --iters replacing its iteration count when given."""
+def recipe(iters: int = 0, lr: float = 0) -> list:
+    """demo.sh's training flags, with --iters and --lr replacing its iteration count and learning rate when given."""
     flags = list(RECIPE)
-    if iters:
-        flags[flags.index("--max-iters") + 1] = str(iters)
+    for flag, value in (("--max-iters", iters), ("--lr", lr)):
+        if value:
+            flags[flags.index(flag) + 1] = f"{value:g}"
     return flags
 
 
@@ -72,6 +77,7 @@ def main():
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
     p.add_argument("--paths", default="auto", help="inference paths to evaluate MoTE on (auto,answer,full)")
     p.add_argument("--iters", type=int, default=0, help="optimizer steps per variant (0: the recipe's 120)")
+    p.add_argument("--lr", type=cli.positive, default=0, help="peak learning rate of every variant (default: the recipe's 1e-3)")
     p.add_argument("--generate", type=int, default=0, help="also train on chains self-generated for N questions")
     p.add_argument("--limit", type=int, default=0, help="prompts per evaluation set (0: every prompt)")
     p.add_argument("--steps-threshold", action="append", default=[], type=variant_threshold, metavar="VARIANT=T",
@@ -103,7 +109,7 @@ def main():
         for v in variants:
             name, flags = VARIANTS[v]
             run_dir = os.path.join(args.out, f"{'demo' if data_file == DEMO else 'mixed'}-{v}")
-            run(["python", "train.py", "--base", BASE, "--data", data_file, "--out", run_dir, *recipe(args.iters),
+            run(["python", "train.py", "--base", BASE, "--data", data_file, "--out", run_dir, *recipe(args.iters, args.lr),
                  "--overwrite", *flags], os.path.join(run_dir, "adapters.safetensors"))
             paths = [(p, []) for p in (args.paths.split(",") if v == "mote" else ["auto"])]
             if v in thresholds:
