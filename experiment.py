@@ -72,14 +72,14 @@ def recipe(iters: int = 0, lr: float = 0) -> list:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/exp")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
     p.add_argument("--paths", default="auto", help="inference paths to evaluate MoTE on (auto,answer,full)")
-    p.add_argument("--iters", type=int, default=0, help="optimizer steps per variant (0: the recipe's 120)")
+    p.add_argument("--iters", type=cli.count, default=0, help="optimizer steps per variant (0: the recipe's 120)")
     p.add_argument("--lr", type=cli.positive, default=0, help="peak learning rate of every variant (default: the recipe's 1e-3)")
-    p.add_argument("--generate", type=int, default=0, help="also train on chains self-generated for N questions")
-    p.add_argument("--limit", type=int, default=0, help="prompts per evaluation set (0: every prompt)")
+    p.add_argument("--generate", type=cli.count, default=0, help="also train on chains self-generated for N questions")
+    p.add_argument("--limit", type=cli.count, default=0, help="prompts per evaluation set (0: every prompt)")
     p.add_argument("--steps-threshold", action="append", default=[], type=variant_threshold, metavar="VARIANT=T",
                    help="also evaluate VARIANT's auto path with threshold T for its first choice (sample.take_steps), "
                    "chosen on the development sets with calibrate.py; repeat it for each variant")

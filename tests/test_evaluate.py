@@ -267,3 +267,18 @@ def test_experiment_gives_each_variant_its_own_steps_threshold(tmp_path, monkeyp
         monkeypatch.setattr(sys, "argv", ["experiment.py", "--out", str(tmp_path), "--steps-threshold", bad])
         with pytest.raises(SystemExit):
             experiment.main()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "0"], "argument --lr: must be a finite number > 0, got '0'"),
+    (["--iters", "-1"], "argument --iters: must be an integer >= 0, got '-1'"),
+    (["--variants", "mote,nope"], "--variants, --steps-threshold: choose variants from"),
+])
+def test_experiment_bad_arguments_end_in_one_line_and_create_nothing(tmp_path, monkeypatch, argv, message):
+    import experiment
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["experiment.py", "--out", "runs/x", *argv])
+    with pytest.raises(SystemExit) as exit:
+        experiment.main()
+    assert str(exit.value.code).startswith("error: " + message) and "\n" not in str(exit.value.code)
+    assert os.listdir(tmp_path) == []
