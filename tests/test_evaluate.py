@@ -242,7 +242,7 @@ def test_experiment_trains_with_demo_sh_recipe():
     assert flags["--base"] == experiment.BASE and flags["--data"] == experiment.DEMO
     assert " ".join(experiment.RECIPE) in " ".join(train)
     assert experiment.recipe(10)[experiment.RECIPE.index("--max-iters") + 1] == "10"
-    assert experiment.recipe(lr=2e-3)[experiment.RECIPE.index("--lr") + 1] == "0.002"
+    assert experiment.recipe(lr=1e-3)[experiment.RECIPE.index("--lr") + 1] == "0.001"
     assert experiment.recipe() == experiment.RECIPE and experiment.recipe() is not experiment.RECIPE
 
 

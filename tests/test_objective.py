@@ -5,6 +5,7 @@ that share no code with it:
     encoded from chain dicts and run without any mask, for every drop pattern, with padding, with
     activation checkpointing on and off;
   * the gradient of an iteration does not depend on how its chains are split into micro-batches;
+  * --choice-weight weights the path choice (the first marker the question's end predicts) alone;
   * each ablation flag changes exactly what it names (mixing table, drop rate, expert count)."""
 import itertools
 import json
@@ -127,6 +128,25 @@ def test_gradient_does_not_depend_on_the_micro_batch(routing, checkpointing):
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
     for other in grads[1:]:
         torch.testing.assert_close(other, grads[0], atol=1e-6, rtol=1e-4)
+
+
+def test_choice_weight_weights_only_the_path_choice():
+    """--choice-weight w: the iteration's loss is (every learned token's loss + (w - 1) * each chain's
+    path-choice loss) / the learned-token count, where the path choice is the question's last
+    token predicting the first marker *of the shortened chain* (the first block oracle_losses
+    learns), for every drop pattern; w = 1 is the plain mean."""
+    drops = PATTERNS  # a different pattern in each row: the choice predicts <a>, <g>, <a> and <r>
+    dropped = torch.tensor([[s in d for s in mote.STEPS] for d in drops])
+    qexp = torch.tensor([1, 2, 0, 1])
+    encoded = [data.encode_chain(TOK, c, V) for c in CHAINS]
+    model = tiny_model()
+    train.train_iteration(model, encoded, V, TOK.eot_id, 2, qexp, dropped, 0.0, "cpu", torch.float32, choice_weight=5.0)
+    oracle = tiny_model()
+    losses = [oracle_losses(oracle, c, d, int(q)) for c, d, q in zip(CHAINS, drops, qexp)]
+    (sum(l.sum() + 4.0 * l[0] for l in losses) / sum(len(l) for l in losses)).backward()
+    for (name, p), q in zip(model.named_parameters(), oracle.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
 @pytest.fixture(scope="module")

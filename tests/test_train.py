@@ -71,6 +71,15 @@ def test_resume_continues_the_same_run(setup, monkeypatch):
         run(setup, "resumed", "--max-iters", "6", "--save-every", "3", "--resume", "--lr", "1e-2", "--routing", "token")
 
 
+def test_a_checkpoint_older_than_a_flag_resumes_with_its_default():
+    """A run saved before --choice-weight existed trained with weight 1: it resumes with the default
+    and refuses any other value."""
+    saved = {"lr": 1e-3, "routing": "step"}
+    train.check_resume(saved, saved | {"choice_weight": 1.0}, "ckpt")
+    with pytest.raises(ValueError, match=r"--choice-weight 1.0 -> 10.0 \(resume"):
+        train.check_resume(saved, saved | {"choice_weight": 10.0}, "ckpt")
+
+
 def test_max_len_beyond_the_context_is_a_clear_error(setup):
     with pytest.raises(SystemExit, match=r"--max-len 2000 is longer than the model's context \(1024 tokens\)"):
         run(setup, "long", "--max-len", "2000")
