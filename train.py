@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--routing", choices=("step", "token", "single"), default="step",
                    help="step: MoTE; token: gated MoE baseline; single: one LoRA")
     p.add_argument("--no-shared", action="store_true", help="ablation: no shared expert (the step expert gets weight 1)")
-    p.add_argument("--choice-weight", type=cli.positive, default=1.0, help="loss weight of the path choice, the first "
+    p.add_argument("--choice-weight", type=cli.positive, default=1.0, help="loss weight of the first choice, the first "
                    "marker the question's end predicts (ours; 1: the paper's plain mean over tokens)")
     p.add_argument("--balance-coef", type=cli.nonnegative, default=0.01, help="load-balancing loss weight (--routing token)")
     p.add_argument("--max-len", type=cli.positive_int, default=1024, help="longer chains are dropped and counted")
@@ -160,7 +160,7 @@ def train_iteration(model, chains, base_vocab, pad_id, micro_batch, question_exp
     that of the mean loss over every token learned in the iteration (and of the balance loss, each
     pass weighted by its share of those tokens), whatever micro_batch is: each pass's summed loss is
     divided by the iteration's token count, counted before the first pass.
-    choice_weight (ours; 1: the paper's plain mean): the weight in that sum of the path choice, the
+    choice_weight (ours; 1: the paper's plain mean): the weight in that sum of the first choice, the
     one loss per chain of the question's last token, which predicts the first marker (steps or a
     direct answer; the choice sample.take_steps thresholds), against 1 for every other token.
     question_expert (B,) and dropped (B, 3): the iteration's draws. -> (per-step loss sums (3,),

@@ -5,7 +5,7 @@ that share no code with it:
     encoded from chain dicts and run without any mask, for every drop pattern, with padding, with
     activation checkpointing on and off;
   * the gradient of an iteration does not depend on how its chains are split into micro-batches;
-  * --choice-weight weights the path choice (the first marker the question's end predicts) alone;
+  * --choice-weight weights the first choice (the first marker the question's end predicts) alone;
   * each ablation flag changes exactly what it names (mixing table, drop rate, expert count)."""
 import itertools
 import json
@@ -130,9 +130,9 @@ def test_gradient_does_not_depend_on_the_micro_batch(routing, checkpointing):
         torch.testing.assert_close(other, grads[0], atol=1e-6, rtol=1e-4)
 
 
-def test_choice_weight_weights_only_the_path_choice():
+def test_choice_weight_weights_only_the_first_choice():
     """--choice-weight w: the iteration's loss is (every learned token's loss + (w - 1) * each chain's
-    path-choice loss) / the learned-token count, where the path choice is the question's last
+    first-choice loss) / the learned-token count, where the first choice is the question's last
     token predicting the first marker *of the shortened chain* (the first block oracle_losses
     learns), for every drop pattern; w = 1 is the plain mean."""
     drops = PATTERNS  # a different pattern in each row: the choice predicts <a>, <g>, <a> and <r>
