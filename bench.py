@@ -2,7 +2,7 @@
 
     python bench.py                # CPU: tiny and smollm2-135m shapes (a few minutes on 2 cores)
     python bench.py --quick        # fewer repeats
-    python bench.py --gpu          # adds the CUDA rows: smollm2-135m and llama31-8b shapes
+    python bench.py --gpu          # the CUDA rows instead: smollm2-135m and llama31-8b shapes
 
 Rows: training tokens/s of train.py's MoTE step (chain_loss: seven linears, 3 step experts +
 shared, rank 16) against a single LoRA of the same rank and against the frozen base's forward +
@@ -314,7 +314,7 @@ def memory_estimate(preset, seq=2048, batch=1):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--gpu", action="store_true", help="run the CUDA rows (llama31-8b shapes)")
+    p.add_argument("--gpu", action="store_true", help="run the CUDA rows (smollm2-135m and llama31-8b shapes) instead")
     p.add_argument("--memory", metavar="PRESET", help="print the training-memory arithmetic for a preset and exit")
     args = p.parse_args()
     if args.memory:
@@ -322,11 +322,6 @@ def main():
     repeats = 2 if args.quick else 5
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    bench_training("tiny", 8, 256, "cpu", repeats)
-    bench_training("smollm2-135m", 4, 256, "cpu", max(2, repeats - 1))
-    bench_decoding("smollm2-135m", "cpu", max(1, repeats // 2), 32 if args.quick else 64)
-    bench_per_token("tiny", "cpu")
-    bench_loading()
     if args.gpu:
         if not torch.cuda.is_available():
             sys.exit("error: --gpu: CUDA is not available")
@@ -335,6 +330,12 @@ def main():
         bench_training("llama31-8b", 1, 2048, "cuda", 3, checkpointing=True)
         bench_decoding("llama31-8b", "cuda", 3, 128)
         bench_per_token("llama31-8b", "cuda", n_tokens=1000)
+        return
+    bench_training("tiny", 8, 256, "cpu", repeats)
+    bench_training("smollm2-135m", 4, 256, "cpu", max(2, repeats - 1))
+    bench_decoding("smollm2-135m", "cpu", max(1, repeats // 2), 32 if args.quick else 64)
+    bench_per_token("tiny", "cpu")
+    bench_loading()
 
 
 if __name__ == "__main__":

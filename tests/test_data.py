@@ -1,5 +1,5 @@
 """data.py chains: validation errors name file and line, encoding layout and label masks, batching,
-the HH-RLHF question loader, and the committed demo set."""
+the HH-RLHF question loader, and the committed chain sets."""
 import gzip
 import json
 import os
@@ -10,10 +10,12 @@ import torch
 import mote
 from tokenizer import byte_tokenizer
 from data import DataError, collate, encode_chain, encode_chains, hh_questions, read_chains
+from evaluate import is_refusal
 
 V = 264
 TOK = byte_tokenizer().with_special_tokens(mote.marker_tokens(V))
 DEMO = os.path.join(os.path.dirname(__file__), "..", "data", "demo_chains.jsonl")
+EXTRA = os.path.join(os.path.dirname(__file__), "..", "data", "extra_chains.jsonl")
 HH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf", "harmless-base-test.jsonl.gz")
 
 
@@ -117,3 +119,12 @@ def test_demo_set_is_valid_and_mixed():
     direct = [c for c in chains if "analysis" not in c and "guidance" not in c]
     assert len(chains) >= 150 and len(full) >= 75 and len(analysis_only) >= 20 and len(direct) >= 30
     assert len({c["question"] for c in chains}) == len(chains)
+
+
+def test_extra_set_is_valid_new_and_labelled_by_its_steps():
+    """The 280 chains of README recipe step 9: valid, none a demo question, and every chain with a
+    guidance (the harmful ones) ends in a refusal while no other chain's answer reads as one."""
+    extra = read_chains(EXTRA)
+    assert len(extra) == 280 and len({c["question"] for c in extra}) == 280
+    assert not {c["question"] for c in extra} & {c["question"] for c in read_chains(DEMO)}
+    assert [is_refusal(c["answer"]) for c in extra] == ["guidance" in c for c in extra]

@@ -18,7 +18,8 @@ from convert import AssetUnavailable
 from evaluate import is_refusal
 from model import ModelArgs, Transformer
 
-DEMO = os.path.join(os.path.dirname(__file__), "..", "data", "demo_chains.jsonl")
+DATA = os.path.join(os.path.dirname(__file__), "..", "data")
+TRAINING = [os.path.join(DATA, "demo_chains.jsonl"), os.path.join(DATA, "extra_chains.jsonl")]  # the recipe's; step 9's
 
 REFUSALS = [
     "I can't help with that.",
@@ -137,12 +138,12 @@ def test_near_paraphrase():
 
 @pytest.mark.parametrize("name", list(evaluate.SETS))
 def test_no_evaluation_prompt_is_trained_on(name):
-    """No question of an evaluation (or development) set is in the training chains, verbatim
+    """No question of an evaluation (or development) set is in any training chains, verbatim
     (ignoring case and punctuation) or as a near paraphrase."""
     if name == "hh" and not os.path.exists(evaluate.HH_DEFAULT):
         pytest.skip("HH-RLHF is not beside this checkout (../shared/data/hh-rlhf)")
     prompts = wheel_set(lambda: evaluate.load_set(name, evaluate.HH_DEFAULT))
-    trained = [json.loads(line)["question"] for line in open(DEMO)]
+    trained = [json.loads(line)["question"] for path in TRAINING for line in open(path)]
     assert prompts and not {norm(q) for q in prompts} & {norm(q) for q in trained}
     assert not [(q, p) for q in trained for p in prompts if near_paraphrase(q, p)]
 
