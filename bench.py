@@ -264,7 +264,7 @@ def bench_per_token(preset, device, n_tokens=2000, window=20):
     prompt = torch.randint(0, args.vocab_size, (32,)).tolist()
     generate(model, [prompt], [], max_new_tokens=n_tokens, experts=True, path="full",
              max_step_tokens=n_tokens // 3 - 2, on_token=on_token)
-    gaps = torch.tensor(stamps).diff()
+    gaps = torch.tensor(stamps, dtype=torch.float64).diff()  # float32 would round the ms of perf_counter away
     early, late = gaps[10:10 + window].median().item(), gaps[-window:].median().item()
     row(f"decode {preset} per-token time at token {len(stamps)} / at token 20", late / early, "x",
         f"{early * 1e3:.2f} -> {late * 1e3:.2f} ms; target ~1")
