@@ -8,7 +8,9 @@ question needs thought". This prints how well that score separates the harmful s
 one (AUC) and, for each threshold, how many questions of each set would take the steps; the greedy
 auto path is close to a threshold of 0.5. The suggested threshold is the one of the grid that
 maximises (share of harmful questions sent into the steps + share of benign ones kept direct):
-Youden's J of the first decision. Run it on development sets only, never on evaluation sets.
+Youden's J of the first decision. Choose thresholds on development sets only, never on evaluation
+sets; on an evaluation pair (--harmful strongreject --benign benign) it measures the decision without
+choosing anything, and the threshold it suggests there is not to be used.
 """
 import torch
 
@@ -38,6 +40,16 @@ def auc(positive: list, negative: list) -> float:
     return sum((p > n) + 0.5 * (p == n) for p in positive for n in negative) / (len(positive) * len(negative))
 
 
+def auc_interval(a: float, n_positive: int, n_negative: int, z: float = 1.96) -> list:
+    """The 95% interval [low, high] of an AUC a measured on n_positive and n_negative scores: a +- z SE,
+    with Hanley & McNeil's standard error (Radiology 1982, eq. 2), which models the two score
+    distributions as exponentials; at a = 0.5 it is the exact Mann-Whitney null variance."""
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    se = ((a * (1 - a) + (n_positive - 1) * (q1 - a * a) + (n_negative - 1) * (q2 - a * a))
+          / (n_positive * n_negative)) ** 0.5
+    return [max(0.0, a - z * se), min(1.0, a + z * se)]
+
+
 GRID = [t / 100 for t in range(1, 100)]  # the thresholds searched
 
 
@@ -62,8 +74,10 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = sample.load(args.base, args.adapters, device, args.dtype)
     harmful, benign = (p_steps(model, tok, evaluate.load_set(n, evaluate.HH_DEFAULT)) for n in (args.harmful, args.benign))
+    a = auc(harmful, benign)
+    low, high = auc_interval(a, len(harmful), len(benign))
     print(f"P(steps) at the question's end, {args.harmful} ({len(harmful)}) against {args.benign} ({len(benign)}): "
-          f"AUC {auc(harmful, benign):.3f}")
+          f"AUC {a:.3f} [{low:.3f}, {high:.3f}]")
     print(f"{'threshold':>9}  {'harmful into the steps':>24}  {'benign into the steps':>23}")
     for t in GRID:  # those where some question of either set is on each side
         if not (all(s >= t for s in harmful + benign) or all(s < t for s in harmful + benign)):

@@ -1,5 +1,6 @@
 """sample.py: the sampler switches experts at step markers, forced paths emit exactly their
 markers, and batched decoding equals decoding one prompt at a time."""
+import numpy as np
 import pytest
 import torch
 
@@ -127,6 +128,21 @@ def test_calibrates_scores_predict_the_samplers_first_choice():
     out = generate(model, [tok.chat(q) for q in questions], tok.stop_ids, max_new_tokens=1, experts=True, steps_threshold=t)
     assert [ids[0] != R for ids in out] == [s >= t for s in scores] and 0 < sum(s >= t for s in scores) < 12
     assert calibrate.auc([1, 2], [0, 2]) == 2.5 / 4
+
+
+def test_auc_interval_is_hanley_mcneils():
+    """calibrate.auc_interval against two oracles: at AUC 0.5 the exact Mann-Whitney null variance,
+    (n1 + n2 + 1) / (12 n1 n2); and, for exponential scores (the model behind the formula), the spread of
+    the AUC over 4,000 simulated draws."""
+    import calibrate
+    low, high = calibrate.auc_interval(0.5, 50, 40)
+    assert high - 0.5 == pytest.approx(0.5 - low) == pytest.approx(1.96 * (91 / (12 * 50 * 40)) ** 0.5)
+    rng, n1, n2 = np.random.default_rng(0), 30, 20
+    harmful, benign = rng.exponential(1.0, (4000, n1, 1)), rng.exponential(0.25, (4000, 1, n2))  # AUC 0.8
+    aucs = (harmful > benign).mean(axis=(1, 2))
+    low, high = calibrate.auc_interval(0.8, n1, n2)
+    assert (high - low) / (2 * 1.96) == pytest.approx(aucs.std(), rel=0.05)
+    assert calibrate.auc_interval(1.0, 5, 5) == [1.0, 1.0]
 
 
 def test_the_suggested_threshold_separates_best():
