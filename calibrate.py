@@ -42,7 +42,7 @@ def auc(positive: list, negative: list) -> float:
 
 def auc_interval(a: float, n_positive: int, n_negative: int, z: float = 1.96) -> list:
     """The 95% interval [low, high] of an AUC a measured on n_positive and n_negative scores: a +- z SE,
-    with Hanley & McNeil's standard error (Radiology 1982, eq. 2), which models the two score
+    with Hanley & McNeil's standard error (Radiology 1982), which models the two score
     distributions as exponentials; at a = 0.5 it is the exact Mann-Whitney null variance."""
     q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
     se = ((a * (1 - a) + (n_positive - 1) * (q1 - a * a) + (n_negative - 1) * (q2 - a * a))
