@@ -155,6 +155,18 @@ def test_the_suggested_threshold_separates_best():
     assert calibrate.best_threshold([0.96, 0.97], [0.95, 0.1]) == 0.96
 
 
+def test_the_target_threshold_meets_the_targets_with_most_room():
+    """calibrate.target_threshold weighs a missed harmful question against 1 - 0.90 and a benign one
+    sent into the steps against 1 - 0.80, where Youden's J weighs them alike."""
+    import calibrate
+    harmful, benign = [0.2] * 2 + [0.8] * 8, [0.1] * 8 + [0.3] * 2
+    # t in (0.3, 0.8]: 2 of 10 harmful missed, 0.2 / 0.1 = 2; t in (0.1, 0.2]: 2 of 10 benign in, 0.2 / 0.2 = 1
+    assert calibrate.target_threshold(harmful, benign) == 0.2
+    assert calibrate.best_threshold(harmful, benign) == 0.5  # J = 1.8 on both sides: nearest 0.5
+    assert calibrate.target_threshold(harmful, benign, refusal=0.8, compliance=0.9) == 0.5
+    assert calibrate.target_threshold([0.8] * 4, [0.5] * 3 + [0.1] * 7) == 0.51  # (0.5, 0.8] meets both
+
+
 @pytest.mark.parametrize("experts", [False, True])
 def test_batch_decoding_equals_one_by_one(experts):
     model = tiny_with_experts() if experts else Transformer(ModelArgs.preset("tiny")).eval()
