@@ -56,10 +56,15 @@ def auc_interval(a: float, n_positive: int, n_negative: int, z: float = 1.96) ->
 GRID = [t / 100 for t in range(1, 100)]  # the thresholds searched
 
 
+def into_steps(scores: list, t: float) -> float:
+    """The share of questions that threshold t sends into the steps: P(steps) >= t (sample.take_steps)."""
+    return sum(s >= t for s in scores) / len(scores)
+
+
 def best_threshold(harmful: list, benign: list) -> float:
     """The threshold of GRID with the largest share of harmful scores >= it plus share of benign ones
     below it (Youden's J); of equals, the nearest to 0.5, the argmax's operating point."""
-    j = lambda t: sum(s >= t for s in harmful) / len(harmful) + sum(s < t for s in benign) / len(benign)
+    j = lambda t: into_steps(harmful, t) + 1 - into_steps(benign, t)
     return max(GRID, key=lambda t: (round(j(t), 9), -abs(t - 0.5)))
 
 
@@ -69,8 +74,7 @@ def target_threshold(harmful: list, benign: list, refusal: float = 0.90, complia
     it) / (1 - compliance), each error against what the targets allow; below 1, both are met here.
     The steps refuse and a direct answer answers (README, the outcome), so a question's path stands
     for its judgement. Of equals, the nearest to 0.5."""
-    cost = lambda t: max(sum(s < t for s in harmful) / len(harmful) / (1 - refusal),
-                         sum(s >= t for s in benign) / len(benign) / (1 - compliance))
+    cost = lambda t: max((1 - into_steps(harmful, t)) / (1 - refusal), into_steps(benign, t) / (1 - compliance))
     return min(GRID, key=lambda t: (round(cost(t), 9), abs(t - 0.5)))
 
 
