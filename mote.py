@@ -82,8 +82,13 @@ def route(steps, question_expert):
     return torch.where(steps == QUESTION, question_expert[:, None], steps)
 
 
-def draw_question_experts(batch_size: int, generator=None, device=None):
-    return torch.randint(0, len(STEPS), (batch_size,), generator=generator).to(device)
+def draw_question_experts(batch_size: int, generator=None, device=None, fixed: bool = False):
+    """The expert that reads each training chain's question -> (B,): a step expert drawn at random
+    ("any expert can process the question", sec. 3), or with fixed (ours, train.py --question-expert
+    analysis) INFERENCE_QUESTION_EXPERT for all, as at inference. The draw is made either way, so the
+    generator's later draws (the step drops) are the same."""
+    drawn = torch.randint(0, len(STEPS), (batch_size,), generator=generator).to(device)
+    return torch.full_like(drawn, INFERENCE_QUESTION_EXPERT) if fixed else drawn
 
 
 # ---- step skipping -------------------------------------------------------------------------------

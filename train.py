@@ -53,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--routing", choices=("step", "token", "single"), default="step",
                    help="step: MoTE; token: gated MoE baseline; single: one LoRA")
     p.add_argument("--no-shared", action="store_true", help="ablation: no shared expert (the step expert gets weight 1)")
+    p.add_argument("--question-expert", choices=("random", "analysis"), default="random",
+                   help="the expert that reads the question in training: random, a step expert drawn per chain (the "
+                   "paper's 'any expert can process the question'), or analysis, the one that reads it at inference (ours)")
     p.add_argument("--choice-weight", type=cli.positive, default=1.0, help="loss weight of the first choice, the first "
                    "marker the question's end predicts (ours; 1: the paper's plain mean over tokens)")
     p.add_argument("--balance-coef", type=cli.nonnegative, default=0.01, help="load-balancing loss weight (--routing token)")
@@ -186,7 +189,7 @@ def train_iteration(model, chains, base_vocab, pad_id, micro_batch, question_exp
 
 
 RESUME_FREE = ("resume", "overwrite", "out", "save_every", "eval_every", "expert_config")  # may change
-ADDED_FLAGS = {"choice_weight": 1.0}  # flags newer than some checkpoints: the value such a run trained with
+ADDED_FLAGS = {"choice_weight": 1.0, "question_expert": "random"}  # flags newer than some checkpoints: the value such a run trained with
 RUN_FILES = ("metrics.jsonl", "checkpoint.safetensors", "adapters.safetensors")  # a folder holding one holds a run
 
 
@@ -379,7 +382,7 @@ def main(argv=None):
         for group in opt.param_groups:
             group["lr"] = lr
         # one draw per chain of the iteration, before it is split into micro-batches
-        qexp = mote.draw_question_experts(len(chosen), rng, device)
+        qexp = mote.draw_question_experts(len(chosen), rng, device, fixed=args.question_expert == "analysis")
         dropped = mote.draw_drops(len(chosen), args.skip_p, rng, device)
         sums, counts, n_tokens = train_iteration(model, chosen, V, pad, args.micro_batch, qexp, dropped,
                                                  args.balance_coef, device, dtype, args.choice_weight)

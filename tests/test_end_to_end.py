@@ -17,7 +17,8 @@ from model import ModelArgs, Transformer
 from test_evaluate import fake_hh
 
 VARIANTS = {"mote": [], "token": ["--routing", "token"], "single": ["--routing", "single"],
-            "no-shared": ["--no-shared"], "no-skipping": ["--skip-p", "0"]}
+            "no-shared": ["--no-shared"], "no-skipping": ["--skip-p", "0"],
+            "question-analysis": ["--question-expert", "analysis"]}
 BF16 = ["--dtype", "bfloat16"]
 
 

@@ -72,10 +72,12 @@ def test_resume_continues_the_same_run(setup, monkeypatch):
 
 
 def test_a_checkpoint_older_than_a_flag_resumes_with_its_default():
-    """A run saved before --choice-weight existed trained with weight 1: it resumes with the default
-    and refuses any other value."""
+    """A run saved before --choice-weight and --question-expert existed trained with weight 1 and
+    random question experts: it resumes with those defaults and refuses any other value."""
     saved = {"lr": 1e-3, "routing": "step"}
-    train.check_resume(saved, saved | {"choice_weight": 1.0}, "ckpt")
+    train.check_resume(saved, saved | {"choice_weight": 1.0, "question_expert": "random"}, "ckpt")
+    with pytest.raises(ValueError, match=r"--question-expert 'random' -> 'analysis' \(resume"):
+        train.check_resume(saved, saved | {"choice_weight": 1.0, "question_expert": "analysis"}, "ckpt")
     with pytest.raises(ValueError, match=r"--choice-weight 1.0 -> 10.0 \(resume"):
         train.check_resume(saved, saved | {"choice_weight": 10.0}, "ckpt")
 
@@ -83,6 +85,24 @@ def test_a_checkpoint_older_than_a_flag_resumes_with_its_default():
 def test_max_len_beyond_the_context_is_a_clear_error(setup):
     with pytest.raises(SystemExit, match=r"--max-len 2000 is longer than the model's context \(1024 tokens\)"):
         run(setup, "long", "--max-len", "2000")
+
+
+def test_question_expert_analysis_reads_every_question_with_the_inference_expert(setup, monkeypatch):
+    """--question-expert analysis: every chain's question goes to mote.INFERENCE_QUESTION_EXPERT in
+    training, and the step drops are the same draws as the random run's (only the routing differs)."""
+    seen = {}
+    original = train.train_iteration
+
+    def record(model, chains, base_vocab, pad_id, micro_batch, question_expert, dropped, *rest):
+        seen.setdefault(name, []).append((question_expert.clone(), dropped.clone()))
+        return original(model, chains, base_vocab, pad_id, micro_batch, question_expert, dropped, *rest)
+
+    monkeypatch.setattr(train, "train_iteration", record)
+    for name in ("random", "analysis"):
+        run(setup, "question-" + name, "--max-iters", "2", "--question-expert", name)
+    random, analysis = (torch.stack([q for q, _ in seen[n]]) for n in ("random", "analysis"))
+    assert (analysis == mote.INFERENCE_QUESTION_EXPERT).all() and len(set(random.flatten().tolist())) == 3
+    assert all(torch.equal(a[1], r[1]) for a, r in zip(seen["analysis"], seen["random"]))
 
 
 @pytest.mark.parametrize("flags,n_experts,routing", [
