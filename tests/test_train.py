@@ -90,16 +90,17 @@ def test_max_len_beyond_the_context_is_a_clear_error(setup):
 def test_question_expert_analysis_reads_every_question_with_the_inference_expert(setup, monkeypatch):
     """--question-expert analysis: every chain's question goes to mote.INFERENCE_QUESTION_EXPERT in
     training, and the step drops are the same draws as the random run's (only the routing differs)."""
-    seen = {}
+    calls, seen = [], {}  # each iteration's (question experts, drops); per run
     original = train.train_iteration
 
     def record(model, chains, base_vocab, pad_id, micro_batch, question_expert, dropped, *rest):
-        seen.setdefault(name, []).append((question_expert.clone(), dropped.clone()))
+        calls.append((question_expert.clone(), dropped.clone()))
         return original(model, chains, base_vocab, pad_id, micro_batch, question_expert, dropped, *rest)
 
     monkeypatch.setattr(train, "train_iteration", record)
     for name in ("random", "analysis"):
         run(setup, "question-" + name, "--max-iters", "2", "--question-expert", name)
+        seen[name], calls[:] = calls[:], []
     random, analysis = (torch.stack([q for q, _ in seen[n]]) for n in ("random", "analysis"))
     assert (analysis == mote.INFERENCE_QUESTION_EXPERT).all() and len(set(random.flatten().tolist())) == 3
     assert all(torch.equal(a[1], r[1]) for a, r in zip(seen["analysis"], seen["random"]))
