@@ -1,6 +1,7 @@
 """Choose the auto path's steps threshold on the development sets (sample.take_steps, --steps-threshold).
 
     python calibrate.py --adapters runs/exp/demo-mote          # on dev-harmful and dev-benign
+    python calibrate.py --adapters runs/exp/demo-mote --out runs/exp/demo-mote/calibrate.json  # also as JSON (experiment.py)
 
 At the end of a question the model makes one decision: go through the steps or answer directly.
 P(steps) = P(<|analysis|>) + P(<|guidance|>), over the three start markers, is its score for "this
@@ -15,6 +16,8 @@ Choose thresholds on development sets only, never on evaluation sets; on an eval
 (--harmful strongreject --benign benign) it measures the decision without choosing anything, and
 the thresholds it suggests there are not to be used.
 """
+import json
+
 import torch
 
 import cli
@@ -87,6 +90,7 @@ def main(argv=None):
     p.add_argument("--refusal", type=float, default=0.90, help="target share of harmful questions refused")
     p.add_argument("--compliance", type=float, default=0.80, help="target share of benign questions answered")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto")
+    p.add_argument("--out", help="also write the AUC and both suggested thresholds to this JSON file")
     args = p.parse_args(argv)
     if not (0 < args.refusal < 1 and 0 < args.compliance < 1):
         p.error("--refusal and --compliance: shares strictly between 0 and 1")
@@ -105,9 +109,14 @@ def main(argv=None):
         if not (all(s >= t for s in harmful + benign) or all(s < t for s in harmful + benign)):
             print(f"{t:>9.2f}  {sum(s >= t for s in harmful):>17} of {len(harmful)}  {sum(s >= t for s in benign):>16} of "
                   f"{len(benign)}")
-    print(f"suggested --steps-threshold {best_threshold(harmful, benign)} (most harmful into the steps and benign direct)")
-    print(f"for the targets, {args.refusal:.2f} refused and {args.compliance:.2f} answered: --steps-threshold "
-          f"{target_threshold(harmful, benign, args.refusal, args.compliance)}")
+    best, target = best_threshold(harmful, benign), target_threshold(harmful, benign, args.refusal, args.compliance)
+    print(f"suggested --steps-threshold {best} (most harmful into the steps and benign direct)")
+    print(f"for the targets, {args.refusal:.2f} refused and {args.compliance:.2f} answered: --steps-threshold {target}")
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump({"harmful": args.harmful, "benign": args.benign, "auc": a, "auc_interval": [low, high],
+                       "best_threshold": best, "target_threshold": target, "refusal": args.refusal,
+                       "compliance": args.compliance}, f, indent=1)
     return harmful, benign
 
 

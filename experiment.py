@@ -1,23 +1,23 @@
 """The outcome table and the ablation (the paper's Table 4, replayed small and offline) on SmolLM2-135M-Instruct.
 
-    python experiment.py --variants mote,single --steps-threshold mote=0.49 --steps-threshold single=0.36
-                                                  # the README's table: MoTE, a single LoRA, the base (~2 h on 2 CPU cores)
-    python experiment.py --lr 1e-3 --out runs/exp-1e-3 --steps-threshold mote=0.54 --steps-threshold single=0.38
-                                                  # every variant of Table 4 at lr 1e-3: the README's ablation (~4 h)
-    python experiment.py --limit 50 --iters 10    # a smaller version, to try the pipeline
+    python experiment.py --variants mote,single   # the README's table: MoTE, a single LoRA, the base (~2 h on 2 CPU cores)
+    python experiment.py --question-expert random --out runs/exp-1e-3 --lr 1e-3 \
+        --steps-threshold mote=0.54 --steps-threshold single=0.38   # every variant of Table 4, an earlier recipe (~5 h)
+    python experiment.py --limit 50 --iters 10 --out runs/try    # a smaller version, to try the pipeline
 
 Every variant is trained with the recipe of demo.sh (RECIPE: the hand-written demo chains, 120
-iterations of 8 chains, about 1.6 epochs, lr 2e-3), so the same data and the same budget: MoTE, a
-single LoRA of the same rank, a token-gated MoE with a balance loss, MoTE without the shared
-expert, MoTE without step skipping. With --generate N, the base first writes chains for N HH-RLHF
-questions (python data.py generate) and every variant is trained a second time on the demo chains
-plus those. Each model, and the base alone, is then evaluated by evaluate.py (greedy, offline
-refusal-phrase judge) on the full prompt sets (SETS), on the auto path (--paths adds forced ones), and
-with --steps-threshold VARIANT=T also with the threshold T that calibrate.py chose for that variant.
-Every rate is printed with its count and 95% Wilson interval, and the combined score (StrongREJECT
-refusal + benign compliance) / 2 with a 95% interval. Every command is printed before it runs; a
-step whose output exists is skipped, so an interrupted run continues. The table is built only from
-the files those commands write (metrics.jsonl, summary.json).
+iterations of 8 chains, about 1.6 epochs, lr 2e-3, each question read by the analysis expert), so
+the same data and the same budget: MoTE, a single LoRA of the same rank, a token-gated MoE with a
+balance loss, MoTE without the shared expert, MoTE without step skipping. With --generate N, the
+base first writes chains for N HH-RLHF questions (python data.py generate) and every variant is
+trained a second time on the demo chains plus those. Each model, and the base alone, is then
+evaluated by evaluate.py (greedy, offline refusal-phrase judge) on the full prompt sets (SETS): on
+the auto path (--paths adds forced ones), and again with the threshold T for its first choice that
+calibrate.py chooses for it on the development sets (calibrate.target_threshold; --steps-threshold
+VARIANT=T gives T instead). Every rate is printed with its count and 95% Wilson interval, and the
+combined score (StrongREJECT refusal + benign compliance) / 2 with a 95% interval. Every command
+is printed before it runs; a step whose output exists is skipped, so an interrupted run continues.
+The table is built only from the files those commands write (metrics.jsonl, summary.json).
 """
 import argparse
 import json
@@ -30,7 +30,8 @@ import cli
 BASE = "smollm2-135m-instruct.safetensors"
 DEMO = "data/demo_chains.jsonl"
 HH = os.path.join("..", "shared", "data", "hh-rlhf", "harmless-base-test.jsonl.gz")
-RECIPE = ["--max-iters", "120", "--batch-size", "8", "--lr", "2e-3", "--eval-every", "20"]  # = demo.sh
+RECIPE = ["--max-iters", "120", "--batch-size", "8", "--lr", "2e-3", "--eval-every", "20",
+          "--question-expert", "analysis"]  # = demo.sh; --question-expert changes nothing for --routing single and token
 SETS = ("strongreject", "hh", "own-harmful", "benign", "own-benign")  # harmful, then benign
 VARIANTS = {"mote": ("MoTE", []), "single": ("single LoRA", ["--routing", "single"]),
             "token": ("token-gated MoE", ["--routing", "token"]),
@@ -60,27 +61,29 @@ def variant_threshold(text: str) -> tuple:
     raise argparse.ArgumentTypeError(f"{text!r}: give VARIANT=T with T in [0, 1], e.g. mote=0.44")
 
 
-def recipe(iters: int = 0, lr: float = 0) -> list:
-    """demo.sh's training flags, with --iters and --lr replacing its iteration count and learning rate when given."""
+def recipe(iters: int = 0, lr: float = 0, question_expert: str = "") -> list:
+    """demo.sh's training flags, with --iters, --lr and --question-expert replacing its values when given."""
     flags = list(RECIPE)
-    for flag, value in (("--max-iters", iters), ("--lr", lr)):
-        if value:
-            flags[flags.index(flag) + 1] = f"{value:g}"
+    for flag, value in (("--max-iters", f"{iters:g}"), ("--lr", f"{lr:g}"), ("--question-expert", question_expert)):
+        if value not in ("", "0"):
+            flags[flags.index(flag) + 1] = value
     return flags
 
 
 def main():
     p = cli.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/exp")
+    p.add_argument("--out", default="runs/outcome")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
     p.add_argument("--paths", default="auto", help="inference paths to evaluate MoTE on (auto,answer,full)")
     p.add_argument("--iters", type=cli.count, default=0, help="optimizer steps per variant (0: the recipe's 120)")
     p.add_argument("--lr", type=cli.positive, default=0, help="peak learning rate of every variant (default: the recipe's 2e-3)")
+    p.add_argument("--question-expert", choices=("random", "analysis"), default="analysis",
+                   help="who reads the question in training (train.py; random: the paper's, the recipe's before README step 13)")
     p.add_argument("--generate", type=cli.count, default=0, help="also train on chains self-generated for N questions")
     p.add_argument("--limit", type=cli.count, default=0, help="prompts per evaluation set (0: every prompt)")
     p.add_argument("--steps-threshold", action="append", default=[], type=variant_threshold, metavar="VARIANT=T",
-                   help="also evaluate VARIANT's auto path with threshold T for its first choice (sample.take_steps), "
-                   "chosen on the development sets with calibrate.py; repeat it for each variant")
+                   help="evaluate VARIANT's auto path with threshold T for its first choice (sample.take_steps) instead of "
+                   "the one calibrate.py chooses for the targets on the development sets; repeat it for each variant")
     args = p.parse_args()
     variants, thresholds = args.variants.split(","), dict(args.steps_threshold)
     if any(v not in VARIANTS for v in variants + list(thresholds)):
@@ -107,11 +110,16 @@ def main():
         for v in variants:
             name, flags = VARIANTS[v]
             run_dir = os.path.join(args.out, f"{'demo' if data_file == DEMO else 'mixed'}-{v}")
-            run(["python", "train.py", "--base", BASE, "--data", data_file, "--out", run_dir, *recipe(args.iters, args.lr),
-                 "--overwrite", *flags], os.path.join(run_dir, "adapters.safetensors"))
+            run(["python", "train.py", "--base", BASE, "--data", data_file, "--out", run_dir,
+                 *recipe(args.iters, args.lr, args.question_expert), "--overwrite", *flags],
+                os.path.join(run_dir, "adapters.safetensors"))
+            t = thresholds.get(v)
+            if t is None:  # the development sets choose it, never the evaluation sets
+                chosen = os.path.join(run_dir, "calibrate.json")
+                run(["python", "calibrate.py", "--adapters", run_dir, "--out", chosen], chosen)
+                t = json.load(open(chosen))["target_threshold"]
             paths = [(p, []) for p in (args.paths.split(",") if v == "mote" else ["auto"])]
-            if v in thresholds:
-                paths.append((f"auto-t{thresholds[v]}", ["--steps-threshold", str(thresholds[v])]))
+            paths.append((f"auto-t{t}", ["--steps-threshold", str(t)]))
             for path, threshold in paths:
                 out = os.path.join(run_dir, f"eval-{path}")
                 run(["python", "evaluate.py", "--adapters", run_dir, "--path", path.split("-")[0], *threshold, *evaluation,

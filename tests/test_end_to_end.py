@@ -78,6 +78,21 @@ def test_bf16_evaluate_and_selfgen_entry_points(runs, tmp_path):
     assert s["chains"] + s["dropped_empty_answer"] <= 2
 
 
+
+def test_bf16_calibrate_writes_the_thresholds_it_prints(runs, tmp_path, capsys):
+    """calibrate.py --out (what experiment.py reads): the JSON holds the AUC and both thresholds of
+    the printed lines, computed from the development sets' scores."""
+    import calibrate
+    targets = ["--refusal", "0.5", "--compliance", "0.99"]  # here the two rules choose different thresholds
+    harmful, benign = calibrate.main(["--adapters", str(runs / "question-analysis"), "--out", str(tmp_path / "c.json"),
+                                      *targets, *BF16])
+    written, out = json.load(open(tmp_path / "c.json")), capsys.readouterr().out
+    assert (len(harmful), len(benign)) == (50, 50) and written["target_threshold"] != written["best_threshold"]
+    assert written["target_threshold"] == calibrate.target_threshold(harmful, benign, 0.5, 0.99)
+    assert written["best_threshold"] == calibrate.best_threshold(harmful, benign)
+    assert written["auc"] == calibrate.auc(harmful, benign)
+    assert out.splitlines()[-1].endswith(f"--steps-threshold {written['target_threshold']}")
+
 # ---- the model-level bf16 paths -----------------------------------------------------------------
 
 def bf16_model(routing="step", shared=True, seed=0):

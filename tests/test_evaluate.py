@@ -244,30 +244,58 @@ def test_experiment_trains_with_demo_sh_recipe():
     assert " ".join(experiment.RECIPE) in " ".join(train)
     assert experiment.recipe(10)[experiment.RECIPE.index("--max-iters") + 1] == "10"
     assert experiment.recipe(lr=1e-3)[experiment.RECIPE.index("--lr") + 1] == "0.001"
+    assert experiment.recipe(question_expert="random")[experiment.RECIPE.index("--question-expert") + 1] == "random"
     assert experiment.recipe() == experiment.RECIPE and experiment.recipe() is not experiment.RECIPE
 
 
 def test_experiment_gives_each_variant_its_own_steps_threshold(tmp_path, monkeypatch):
-    """--steps-threshold VARIANT=T adds an auto-tT evaluation of that variant, with T passed to evaluate.py,
-    and none to the variants not named."""
+    """Each variant is evaluated again at a threshold of its own: calibrate.py's target threshold on the
+    development sets, read from the JSON it writes, or the T of --steps-threshold VARIANT=T (then
+    calibrate.py does not run for it); evaluate.py gets it as --steps-threshold."""
     import experiment
     commands = []
-    monkeypatch.setattr(experiment, "run", lambda cmd, done: commands.append(cmd))
+
+    def run(cmd, done):
+        commands.append(cmd)
+        if cmd[1] == "calibrate.py":
+            assert cmd[cmd.index("--out") + 1] == done
+            json.dump({"target_threshold": 0.31}, open(done, "w"))
+
+    monkeypatch.setattr(experiment, "run", run)
     monkeypatch.setattr(experiment, "print_table", lambda rows: None)
+    for variant in ("mote", "single", "no-skip"):
+        os.makedirs(tmp_path / f"demo-{variant}")
     monkeypatch.setattr(sys, "argv", ["experiment.py", "--out", str(tmp_path), "--variants", "mote,single,no-skip",
-                                      "--steps-threshold", "mote=0.44", "--steps-threshold", "single=0.6"])
+                                      "--steps-threshold", "mote=0.44"])
     experiment.main()
     evals = {c[c.index("--out") + 1]: c for c in commands if c[1] == "evaluate.py" and "--adapters" in c}
     assert sorted(os.path.relpath(d, tmp_path) for d in evals) == [
-        "demo-mote/eval-auto", "demo-mote/eval-auto-t0.44", "demo-no-skip/eval-auto",
-        "demo-single/eval-auto", "demo-single/eval-auto-t0.6"]
+        "demo-mote/eval-auto", "demo-mote/eval-auto-t0.44", "demo-no-skip/eval-auto", "demo-no-skip/eval-auto-t0.31",
+        "demo-single/eval-auto", "demo-single/eval-auto-t0.31"]
     threshold = lambda d: evals[str(tmp_path / d)][evals[str(tmp_path / d)].index("--steps-threshold") + 1]
-    assert threshold("demo-mote/eval-auto-t0.44") == "0.44" and threshold("demo-single/eval-auto-t0.6") == "0.6"
+    assert threshold("demo-mote/eval-auto-t0.44") == "0.44" and threshold("demo-single/eval-auto-t0.31") == "0.31"
     assert all("--steps-threshold" not in c for d, c in evals.items() if "-t0" not in d)
+    calibrated = [c[c.index("--adapters") + 1] for c in commands if c[1] == "calibrate.py"]
+    assert calibrated == [str(tmp_path / "demo-single"), str(tmp_path / "demo-no-skip")]
     for bad in ("0.44", "mote=2", "nope=0.5"):
         monkeypatch.setattr(sys, "argv", ["experiment.py", "--out", str(tmp_path), "--steps-threshold", bad])
         with pytest.raises(SystemExit):
             experiment.main()
+
+
+def test_experiment_question_expert_reaches_every_training_command(tmp_path, monkeypatch):
+    """The recipe's --question-expert analysis, or the one --question-expert gives, in every train.py command."""
+    import experiment
+    for given, expected in (([], "analysis"), (["--question-expert", "random"], "random")):
+        commands = []
+        monkeypatch.setattr(experiment, "run", lambda cmd, done: commands.append(cmd))
+        monkeypatch.setattr(experiment, "print_table", lambda rows: None)
+        monkeypatch.setattr(sys, "argv", ["experiment.py", "--out", str(tmp_path), "--variants", "mote,single",
+                                          "--steps-threshold", "mote=0.5", "--steps-threshold", "single=0.5", *given])
+        experiment.main()
+        trains = [c for c in commands if c[1] == "train.py"]
+        assert len(trains) == 2 and all(c.count("--question-expert") == 1 for c in trains)
+        assert all(c[c.index("--question-expert") + 1] == expected for c in trains)
 
 
 @pytest.mark.parametrize("argv, message", [

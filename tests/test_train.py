@@ -106,6 +106,20 @@ def test_question_expert_analysis_reads_every_question_with_the_inference_expert
     assert all(torch.equal(a[1], r[1]) for a, r in zip(seen["analysis"], seen["random"]))
 
 
+@pytest.mark.parametrize("routing", ["single", "token"])
+def test_question_expert_changes_nothing_without_step_routing(setup, routing):
+    """A single LoRA and a token-gated bank have no step experts: --question-expert analysis trains
+    the same adapters as random (experiment.RECIPE passes it to every variant), to float rounding:
+    two CPU runs of one command can differ in the last bits when threads sum in another order."""
+    from safetensors.torch import load_file
+    for name in ("random", "analysis"):
+        run(setup, f"{routing}-{name}", "--max-iters", "2", "--routing", routing, "--question-expert", name)
+    random, analysis = (load_file(str(setup / f"{routing}-{n}" / "adapters.safetensors")) for n in ("random", "analysis"))
+    assert random.keys() == analysis.keys()
+    for k in random:
+        torch.testing.assert_close(analysis[k], random[k], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("flags,n_experts,routing", [
     (["--routing", "single"], 1, "single"), (["--routing", "token"], 4, "token"),
     (["--no-shared"], 3, "step"), (["--skip-p", "0"], 4, "step")])
