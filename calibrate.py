@@ -17,6 +17,7 @@ Choose thresholds on development sets only, never on evaluation sets; on an eval
 the thresholds it suggests there are not to be used.
 """
 import json
+import os
 
 import torch
 
@@ -94,6 +95,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not (0 < args.refusal < 1 and 0 < args.compliance < 1):
         p.error("--refusal and --compliance: shares strictly between 0 and 1")
+    if args.out and not os.path.isdir(os.path.dirname(args.out) or "."):
+        p.error(f"--out {args.out}: no such directory {os.path.dirname(args.out)!r}")
     for name, label in ((args.harmful, "harmful"), (args.benign, "benign")):
         if evaluate.SETS.get(name) != label:
             p.error(f"--{label}: not a {label} set of {[n for n, l in evaluate.SETS.items() if l == label]}")

@@ -271,3 +271,10 @@ def test_broken_experts_cannot_break_the_step_grammar(value, temperature):
     assert markers[-1] == R_ and STOP not in out and len(markers) % 2 == 0
     assert all(b == a + 1 and a % 2 == V % 2 for a, b in zip(markers[::2], markers[1::2]))  # each step closes itself
     assert all(n <= 2 for n in map(len, split_steps(out, V).values()))
+
+
+def test_calibrate_out_in_a_missing_directory_is_one_line_before_any_work(tmp_path):
+    import calibrate
+    with pytest.raises(SystemExit) as exit:
+        calibrate.main(["--adapters", str(tmp_path / "none"), "--out", str(tmp_path / "no" / "c.json")])
+    assert str(exit.value.code).startswith("error: --out ") and "no such directory" in str(exit.value.code)
