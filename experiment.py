@@ -1,6 +1,6 @@
 """The outcome table and the ablation (the paper's Table 4, replayed small and offline) on SmolLM2-135M-Instruct.
 
-    python experiment.py --variants mote,single   # the README's table: MoTE, a single LoRA, the base (~2 h 15 min)
+    python experiment.py --variants mote,single   # the README's table: MoTE, a single LoRA, the base (~1 h 50 min)
     python experiment.py --question-expert random --out runs/exp-1e-3 --lr 1e-3 \
         --steps-threshold mote=0.54 --steps-threshold single=0.38   # every variant of Table 4, an earlier recipe (~5 h)
     python experiment.py --limit 50 --iters 10 --out runs/try    # a smaller version, to try the pipeline

@@ -78,7 +78,6 @@ def test_bf16_evaluate_and_selfgen_entry_points(runs, tmp_path):
     assert s["chains"] + s["dropped_empty_answer"] <= 2
 
 
-
 def test_bf16_calibrate_writes_the_thresholds_it_prints(runs, tmp_path, capsys):
     """calibrate.py --out (what experiment.py reads): the JSON holds the AUC and both thresholds of
     the printed lines, computed from the development sets' scores."""
@@ -92,6 +91,7 @@ def test_bf16_calibrate_writes_the_thresholds_it_prints(runs, tmp_path, capsys):
     assert written["best_threshold"] == calibrate.best_threshold(harmful, benign)
     assert written["auc"] == calibrate.auc(harmful, benign)
     assert out.splitlines()[-1].endswith(f"--steps-threshold {written['target_threshold']}")
+
 
 # ---- the model-level bf16 paths -----------------------------------------------------------------
 
