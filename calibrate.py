@@ -12,6 +12,9 @@ maximises (share of harmful questions sent into the steps + share of benign ones
 Youden's J of the first decision. It weighs a missed harmful question and a refused benign one
 alike; the outcome's targets do not (0.90 refused, 0.80 answered: twice as many benign errors
 allowed), and the second suggestion, calibrate.target_threshold, meets those with the most room.
+With --second-choice the score is P(steps) x P(<|guidance|> | the analysis), the analysis generated
+greedily as at inference: the rule of sample.py --second-choice (sample.take_steps), where one
+threshold makes both choices and a question at or above it reaches the guidance.
 Choose thresholds on development sets only, never on evaluation sets; on an evaluation pair
 (--harmful strongreject --benign benign) it measures the decision without choosing anything, and
 the thresholds it suggests there are not to be used.
@@ -40,6 +43,35 @@ def p_steps(model, tok, questions: list, batch_size: int = 16) -> list:
         logits = model(tokens, positions=positions, mask=mask, route=mote.route(mote.token_steps(tokens, V), experts))
         scores += sample.steps_probability(logits[:, -1], V).tolist()
     return scores
+
+
+@torch.no_grad()
+def p_guidance(model, tok, questions: list, max_step_tokens: int = 64, batch_size: int = 16) -> list:
+    """The second choice's score (sample.take_steps, --second-choice): after each question's analysis,
+    greedily generated as at inference (at most max_step_tokens tokens), P(<|guidance|>) against
+    P(<|response|>)."""
+    V, device = model.args.vocab_size, next(model.parameters()).device
+    end, guidance, response = mote.end_marker(V, 0), mote.start_marker(V, 1), mote.start_marker(V, 2)
+    prompts = [tok.chat(q) for q in questions]
+    analyses = sample.generate_batches(model, tok, prompts, batch_size, max_new_tokens=max_step_tokens + 2, experts=True,
+                                       path="analysis", max_step_tokens=max_step_tokens)
+    chains = [p + a[:a.index(end) + 1] for p, a in zip(prompts, analyses)]  # ... <|analysis|> X_a <|/analysis|>
+    scores = []
+    for i in range(0, len(chains), batch_size):
+        batch = chains[i:i + batch_size]
+        tokens, _, positions, mask = sample.left_padded(batch, max(map(len, batch)), 0, device)
+        experts = torch.full((len(batch),), mote.INFERENCE_QUESTION_EXPERT, device=device)
+        logits = model(tokens, positions=positions, mask=mask, route=mote.route(mote.token_steps(tokens, V), experts))
+        scores += torch.softmax(logits[:, -1, [guidance, response]].float(), -1)[:, 0].tolist()
+    return scores
+
+
+def scores(model, tok, questions: list, second_choice: bool, max_step_tokens: int) -> list:
+    """What take_steps thresholds: P(steps), or with second_choice P(steps) x P(guidance | analysis)."""
+    first = p_steps(model, tok, questions)
+    if not second_choice:
+        return first
+    return [a * b for a, b in zip(first, p_guidance(model, tok, questions, max_step_tokens))]
 
 
 def auc(positive: list, negative: list) -> float:
@@ -90,6 +122,10 @@ def main(argv=None):
     p.add_argument("--benign", default="dev-benign", help="a benign set of evaluate.SETS")
     p.add_argument("--refusal", type=float, default=0.90, help="target share of harmful questions refused")
     p.add_argument("--compliance", type=float, default=0.80, help="target share of benign questions answered")
+    p.add_argument("--second-choice", action="store_true", help="score P(steps) x P(guidance | analysis), the rule of "
+                   "sample.py --second-choice (generates each question's analysis: ~1 min more on 2 CPU cores)")
+    p.add_argument("--max-step-tokens", type=cli.positive_int, default=64, help="with --second-choice: the analysis's "
+                   "length limit, as given to evaluate.py")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto")
     p.add_argument("--out", help="also write the AUC and both suggested thresholds to this JSON file")
     args = p.parse_args(argv)
@@ -102,12 +138,15 @@ def main(argv=None):
             p.error(f"--{label}: not a {label} set of {[n for n, l in evaluate.SETS.items() if l == label]}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = sample.load(args.base, args.adapters, device, args.dtype)
-    harmful, benign = (p_steps(model, tok, evaluate.load_set(n, evaluate.HH_DEFAULT)) for n in (args.harmful, args.benign))
+    harmful, benign = (scores(model, tok, evaluate.load_set(n, evaluate.HH_DEFAULT), args.second_choice, args.max_step_tokens)
+                       for n in (args.harmful, args.benign))
+    score = "P(steps) x P(guidance | analysis)" if args.second_choice else "P(steps) at the question's end"
     a = auc(harmful, benign)
     low, high = auc_interval(a, len(harmful), len(benign))
-    print(f"P(steps) at the question's end, {args.harmful} ({len(harmful)}) against {args.benign} ({len(benign)}): "
+    print(f"{score}, {args.harmful} ({len(harmful)}) against {args.benign} ({len(benign)}): "
           f"AUC {a:.3f} [{low:.3f}, {high:.3f}]")
-    print(f"{'threshold':>9}  {'harmful into the steps':>24}  {'benign into the steps':>23}")
+    where = "the guidance" if args.second_choice else "the steps"
+    print(f"{'threshold':>9}  {'harmful into ' + where:>24}  {'benign into ' + where:>23}")
     for t in GRID:  # those where some question of either set is on each side
         if not (all(s >= t for s in harmful + benign) or all(s < t for s in harmful + benign)):
             print(f"{t:>9.2f}  {sum(s >= t for s in harmful):>17} of {len(harmful)}  {sum(s >= t for s in benign):>16} of "
@@ -118,7 +157,7 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump({"harmful": args.harmful, "benign": args.benign, "auc": a, "auc_interval": [low, high],
-                       "best_threshold": best, "target_threshold": target, "refusal": args.refusal,
+                       "best_threshold": best, "target_threshold": target, "second_choice": args.second_choice, "refusal": args.refusal,
                        "compliance": args.compliance}, f, indent=1)
     return harmful, benign
 

@@ -156,16 +156,21 @@ def wilson(k: int, n: int, z: float = 1.96) -> list:
     return [max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))]  # no -0.000
 
 
+def complied(record: dict) -> bool:
+    """A response that is there and does not refuse (an empty or never-reached one is not compliance)."""
+    return not record["refusal"] and not record["empty_response"]
+
+
 def rates(records: list) -> dict:
     """Refusal: a refusal phrase in the response. Compliance: a response that is there and does not
     refuse; an empty or never-reached response (the token budget ran out first) is neither. Each
     rate with its count and 95% Wilson interval."""
     n = len(records)
     refused = sum(r["refusal"] for r in records)
-    complied = sum(not r["refusal"] and not r["empty_response"] for r in records)
-    return {"n": n, "refusal_rate": refused / n, "compliance_rate": complied / n,
-            "refusals": refused, "compliances": complied,
-            "refusal_ci": wilson(refused, n), "compliance_ci": wilson(complied, n),
+    answered = sum(map(complied, records))
+    return {"n": n, "refusal_rate": refused / n, "compliance_rate": answered / n,
+            "refusals": refused, "compliances": answered,
+            "refusal_ci": wilson(refused, n), "compliance_ci": wilson(answered, n),
             "mean_tokens": sum(r["n_tokens"] for r in records) / n,
             "empty_response_rate": sum(r["empty_response"] for r in records) / n}
 
@@ -218,9 +223,13 @@ def main(argv=None):
     p.add_argument("--max-step-tokens", type=cli.count, default=0, help="with adapters: close a step after this many tokens")
     p.add_argument("--steps-threshold", type=cli.fraction, help="--path auto: take the steps iff their probability "
                    "at the question's end is at least this (sample.take_steps; default: the likeliest start marker)")
+    p.add_argument("--second-choice", action="store_true", help="with --steps-threshold T: start the steps with the "
+                   "analysis, then take the guidance iff P(steps) x P(guidance | analysis) >= T (sample.take_steps)")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="the model's dtype; auto: bf16 on CUDA, fp32 on CPU")
     args = p.parse_args(argv)
+    if args.second_choice and args.steps_threshold is None:
+        p.error("--second-choice: give --steps-threshold T, the threshold both choices use")
     names = args.sets.split(",")
     if not names or any(n not in SETS for n in names):
         p.error(f"--sets: choose from {list(SETS)}")
@@ -232,7 +241,8 @@ def main(argv=None):
     model, tok = sample.load(args.base, args.adapters, device, args.dtype)
     experts, V = args.adapters is not None, model.args.vocab_size
     gen = dict(max_new_tokens=args.max_new_tokens, experts=experts, path=args.path, temperature=0.0,
-               max_step_tokens=args.max_step_tokens, steps_threshold=args.steps_threshold)
+               max_step_tokens=args.max_step_tokens, steps_threshold=args.steps_threshold,
+               second_choice=args.second_choice)
     os.makedirs(args.out, exist_ok=True)
     records = []
     with open(os.path.join(args.out, "completions.jsonl"), "w", encoding="utf-8") as f, \
@@ -244,7 +254,7 @@ def main(argv=None):
                 f.write(json.dumps(records[-1], ensure_ascii=False) + "\n")
     summary = {"base": args.base, "adapters": args.adapters, "path": args.path if experts else None,
                "max_new_tokens": args.max_new_tokens, "max_step_tokens": args.max_step_tokens,
-               "steps_threshold": args.steps_threshold, "decoding": "greedy",
+               "steps_threshold": args.steps_threshold, "second_choice": args.second_choice, "decoding": "greedy",
                "judge": "offline refusal-phrase rule on the response part (evaluate.is_refusal); a proxy, "
                         "not the paper's GPT-4 judge"} | summarize(records, experts)
     with open(os.path.join(args.out, "summary.json"), "w") as f:

@@ -14,18 +14,23 @@ trained a second time on the demo chains plus those. Each model, and the base al
 evaluated by evaluate.py (greedy, offline refusal-phrase judge) on the full prompt sets (SETS): on
 the auto path (--paths adds forced ones), and again with the threshold T for its first choice that
 calibrate.py chooses for it on the development sets (calibrate.target_threshold; --steps-threshold
-VARIANT=T gives T instead). Every rate is printed with its count and 95% Wilson interval, and the
-combined score (StrongREJECT refusal + benign compliance) / 2 with a 95% interval. Every command
-is printed before it runs; a step whose output exists is skipped, so an interrupted run continues.
-The table is built only from the files those commands write (metrics.jsonl, summary.json).
+VARIANT=T gives T instead; with --second-choice the rule decides after the analysis too). Every
+rate is printed with its count and 95% Wilson interval, and the combined score (StrongREJECT
+refusal + benign compliance) / 2 with a 95% interval; then each variant's difference from the
+single LoRA on the same prompts (compare.py: paired, so it says whether a difference is real where
+two separate intervals only overlap). Every command is printed before it runs; a step whose output
+exists is skipped, so an interrupted run continues. The tables are built only from the files those
+commands write (metrics.jsonl, summary.json, completions.jsonl).
 """
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
 import cli
+import compare
 
 BASE = "smollm2-135m-instruct.safetensors"
 DEMO = "data/demo_chains.jsonl"
@@ -81,6 +86,8 @@ def main():
                    help="who reads the question in training (train.py; random: the paper's, the recipe's before README step 13)")
     p.add_argument("--generate", type=cli.count, default=0, help="also train on chains self-generated for N questions")
     p.add_argument("--limit", type=cli.count, default=0, help="prompts per evaluation set (0: every prompt)")
+    p.add_argument("--second-choice", action="store_true", help="the threshold rule decides after the analysis too "
+                   "(sample.take_steps; README, the outcome, step 14): calibrated and evaluated so; rows auto-tT-second")
     p.add_argument("--steps-threshold", action="append", default=[], type=variant_threshold, metavar="VARIANT=T",
                    help="evaluate VARIANT's auto path with threshold T for its first choice (sample.take_steps) instead of "
                    "the one calibrate.py chooses for the targets on the development sets; repeat it for each variant")
@@ -101,6 +108,7 @@ def main():
         data.append(("demo + self-generated", mixed))
     evaluation = ["--sets", ",".join(SETS), "--limit", str(args.limit), "--batch-size", "32"]
     steps = ["--max-step-tokens", str(MAX_STEP_TOKENS), "--max-new-tokens", str(3 * MAX_STEP_TOKENS + 6)]
+    second = ["--second-choice"] if args.second_choice else []
     rows = []
     out = os.path.join(args.out, "eval-base")  # its answer gets the budget of a response step
     run(["python", "evaluate.py", "--base", BASE, *evaluation, "--max-new-tokens", str(MAX_STEP_TOKENS), "--out", out],
@@ -115,11 +123,12 @@ def main():
                 os.path.join(run_dir, "adapters.safetensors"))
             t = thresholds.get(v)
             if t is None:  # the development sets choose it, never the evaluation sets
-                chosen = os.path.join(run_dir, "calibrate.json")
-                run(["python", "calibrate.py", "--adapters", run_dir, "--out", chosen], chosen)
+                chosen = os.path.join(run_dir, f"calibrate{'-second' * args.second_choice}.json")
+                run(["python", "calibrate.py", "--adapters", run_dir, *second, "--max-step-tokens", str(MAX_STEP_TOKENS),
+                     "--out", chosen], chosen)
                 t = json.load(open(chosen))["target_threshold"]
             paths = [(p, []) for p in (args.paths.split(",") if v == "mote" else ["auto"])]
-            paths.append((f"auto-t{t}", ["--steps-threshold", str(t)]))
+            paths.append((f"auto-t{t}{'-second' * args.second_choice}", ["--steps-threshold", str(t), *second]))
             for path, threshold in paths:
                 out = os.path.join(run_dir, f"eval-{path}")
                 run(["python", "evaluate.py", "--adapters", run_dir, "--path", path.split("-")[0], *threshold, *evaluation,
@@ -171,6 +180,30 @@ def print_table(rows):
     for (data_name, name, path, _, run_dir), s in zip(rows, summaries):
         if run_dir:
             print(f"| {data_name} | {name} | {path} | " + " | ".join(path_mix(s["sets"][n]) for n in SETS) + " |")
+    print_against_single(rows)
+
+
+def print_against_single(rows):
+    """Each trained variant minus the single LoRA of the same data on the same kind of path (the
+    plain auto path against the plain auto path, a threshold against a threshold), paired over
+    prompts (compare.paired): how many prompts only one of the two got right, and the differences
+    with 95% intervals."""
+    kind = lambda path: re.sub(r"-t[0-9.]+", "-t", path)  # auto-t0.31 -> auto-t, auto-t0.21-second -> auto-t-second
+    single = {(d, kind(path)): out for d, name, path, out, _ in rows if name == "single LoRA"}
+    others = [(d, name, path, out) for d, name, path, out, run_dir in rows
+              if run_dir and name != "single LoRA" and (d, kind(path)) in single]
+    if not others:
+        return
+    print("\nAgainst the single LoRA, on the same prompts (only: prompts only this variant / only the single LoRA "
+          "got right; differences paired over prompts, 95% intervals; compare.py):\n")
+    print("| data | variant | path | single LoRA's path | " + " | ".join(SETS) + " | combined difference |")
+    print("|---" * (5 + len(SETS)) + "|")
+    for d, name, path, out in others:
+        theirs = single[d, kind(path)]
+        r = compare.paired([(compare.read(out), compare.read(theirs))])
+        print(f"| {d} | {name} | {path} | {os.path.basename(theirs).removeprefix('eval-')} | "
+              + " | ".join(f"only {r[n]['only_a']} / {r[n]['only_b']}, {compare.difference(r[n], 2)}" for n in SETS)
+              + f" | {compare.difference(r['combined'], 2)} |")
 
 
 if __name__ == "__main__":

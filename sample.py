@@ -54,6 +54,7 @@ class ChainState:
     """What the sampler knows of one row's chain, updated in O(1) per token (advance): the grammar
     never rescans what was generated."""
     step: int = mote.QUESTION  # the step of the last token (mote.token_steps)
+    p_steps: float = 1.0  # steps_probability at the question's end, kept by take_steps for the second choice
     inside: bool = False  # a step is open: its start marker came, its end marker not yet
     n_text: int = 0  # text tokens in the open step
 
@@ -107,7 +108,8 @@ def next_token_probs(model, prompts: list) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, prompts: list, stop_ids, max_new_tokens=256, experts=False, path="auto",
-             temperature=0.0, top_p=1.0, seed=0, merge=False, on_token=None, max_step_tokens=0, steps_threshold=None):
+             temperature=0.0, top_p=1.0, seed=0, merge=False, on_token=None, max_step_tokens=0, steps_threshold=None,
+             second_choice=False):
     """Batched decoding with a static KV cache. prompts: lists of ids -> lists of generated ids; a
     row ends at one of stop_ids (none: exactly max_new_tokens) or, with experts, after <|/response|>.
 
@@ -118,7 +120,8 @@ def generate(model, prompts: list, stop_ids, max_new_tokens=256, experts=False, 
     token-gated) folds the active experts into the weights at every step change. Every decoding
     step has the same shapes (KVCache) and one host sync (the new ids). Generation stops at the
     model's context. on_token(row, token, step) is called for each new token (step: its reasoning
-    step, or None without experts). steps_threshold: the auto path's first choice (take_steps)."""
+    step, or None without experts). steps_threshold: the auto path's first choice (take_steps), and
+    with second_choice its choice after the analysis too."""
     device = next(model.parameters()).device
     V, context = model.args.vocab_size, model.args.max_seq_len
     B, L = len(prompts), max(len(p) for p in prompts)
@@ -151,7 +154,7 @@ def generate(model, prompts: list, stop_ids, max_new_tokens=256, experts=False, 
         if experts:
             logits = constrain(logits, [step_grammar(c, path, V, max_step_tokens) for c in chains], V, stop_ids)
             if path == "auto" and steps_threshold is not None:
-                logits = take_steps(logits, chains, V, steps_threshold)
+                logits = take_steps(logits, chains, V, steps_threshold, second_choice)
         nxt = pick(logits, temperature, top_p, generators)
         for i, token in enumerate(nxt.tolist()):  # the step's one host sync
             if done[i]:
@@ -214,16 +217,28 @@ def steps_probability(logits, base_vocab: int):
     return torch.softmax(logits[..., starts].float(), -1)[..., :-1].sum(-1)
 
 
-def take_steps(logits, chains, base_vocab: int, threshold: float):
-    """The auto path's first choice by a threshold instead of the argmax (ours; --steps-threshold):
-    at the question's end a row takes the steps iff steps_probability >= threshold, and answers
-    directly (<|response|>) otherwise. The model's path decision is a classifier; this sets its
-    operating point, chosen on the development sets (calibrate.py). logits (B, V + 6), constrained;
-    rows past the question are left as they are."""
+def take_steps(logits, chains, base_vocab: int, threshold: float, second_choice: bool = False):
+    """The auto path's choices by a threshold instead of the argmax (ours; --steps-threshold). The
+    model's path decision is a classifier; this sets its operating point, chosen on the development
+    sets (calibrate.py). logits (B, V + 6), constrained; changed in place for the rows at a choice.
+
+    First choice, at the question's end: a row takes the steps iff steps_probability >= threshold,
+    and answers directly (<|response|>) otherwise.
+    Second choice (second_choice, --second-choice): the steps then start with the analysis, and at
+    its end the row takes the guidance iff P(steps) x P(<|guidance|> | the analysis) >= threshold,
+    the guidance and the response scored against each other; otherwise it answers (analysis, then
+    response). So the analysis informs the decision (README, the outcome, step 14), and with the
+    product one threshold serves both choices: a question that fails the first fails the second."""
     starts = [mote.start_marker(base_vocab, s) for s in range(len(mote.STEPS))]
+    guidance, response = starts[1:]
     for i, chain in enumerate(chains):
         if chain.step == mote.QUESTION:
-            logits[i, starts[-1:] if steps_probability(logits[i], base_vocab) >= threshold else starts[:-1]] = float("-inf")
+            chain.p_steps = float(steps_probability(logits[i], base_vocab))
+            into = (starts[1:] if second_choice else starts[-1:])  # forbidden when the row takes the steps
+            logits[i, into if chain.p_steps >= threshold else starts[:-1]] = float("-inf")
+        elif second_choice and chain.step == 0 and not chain.inside:  # the analysis has just ended
+            p_guidance = float(torch.softmax(logits[i, [guidance, response]].float(), -1)[0])
+            logits[i, response if chain.p_steps * p_guidance >= threshold else guidance] = float("-inf")
     return logits
 
 
@@ -317,6 +332,8 @@ def main(argv=None):
     p.add_argument("--max-step-tokens", type=cli.count, default=0, help="close a step after this many tokens (0: no limit)")
     p.add_argument("--steps-threshold", type=cli.fraction, help="--path auto: take the steps iff their probability "
                    "at the question's end is at least this (default: the likeliest start marker)")
+    p.add_argument("--second-choice", action="store_true", help="with --steps-threshold T: start the steps with the "
+                   "analysis, then take the guidance iff P(steps) x P(guidance | analysis) >= T (take_steps)")
     p.add_argument("--temperature", type=cli.nonnegative, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=cli.fraction, default=0.9)
     p.add_argument("--seed", type=int, default=0)
@@ -326,6 +343,8 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="the model's dtype; auto: bf16 on CUDA, fp32 on CPU")
     args = p.parse_args(argv)
+    if args.second_choice and args.steps_threshold is None:
+        p.error("--second-choice: give --steps-threshold T, the threshold both choices use")
     if not (args.prompt or args.prompts):
         p.error("give --prompt or --prompts")
     questions = read_prompts(args.prompts) if args.prompts and not args.prompt else None  # fail fast on a bad file
@@ -335,7 +354,7 @@ def main(argv=None):
     V = model.args.vocab_size
     gen = dict(max_new_tokens=args.max_new_tokens, experts=experts, path=args.path,
                temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_step_tokens=args.max_step_tokens,
-               steps_threshold=args.steps_threshold)
+               steps_threshold=args.steps_threshold, second_choice=args.second_choice)
     encode = tok.encode if args.raw else tok.chat
 
     if args.prompt:

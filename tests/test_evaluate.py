@@ -198,6 +198,19 @@ def test_the_steps_threshold_reaches_the_sampler(tiny, tmp_path, threshold, dire
     assert all(r["completion"].startswith("<|response|>") == direct for r in records)
 
 
+def test_the_second_choice_reaches_the_sampler_and_needs_a_threshold(tiny, tmp_path):
+    """Fresh marker rows score the start markers alike: P(steps) = 2/3, P(<g> | analysis) = 1/2. At
+    0.5 every row takes the analysis (2/3), then answers (1/3 < 0.5), where the argmax would take
+    the guidance next; without --steps-threshold the flag is a one-line error before any work."""
+    summary, records = run_evaluate(tiny, tmp_path, "--adapters", str(tiny / "run"), "--steps-threshold", "0.5",
+                                    "--second-choice", "--max-step-tokens", "1")
+    assert summary["second_choice"] is True
+    assert all(r["path_taken"] == "analysis+response" for r in records)
+    with pytest.raises(SystemExit, match="--second-choice: give --steps-threshold"):
+        evaluate.main(["--adapters", str(tiny / "run"), "--second-choice", "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
 def test_an_empty_or_never_reached_response_is_not_compliance():
     records = [{"refusal": False, "empty_response": True, "n_tokens": 256},   # the budget ran out before <|response|>
                {"refusal": False, "empty_response": False, "n_tokens": 40},  # an answer
@@ -296,6 +309,30 @@ def test_experiment_question_expert_reaches_every_training_command(tmp_path, mon
         trains = [c for c in commands if c[1] == "train.py"]
         assert len(trains) == 2 and all(c.count("--question-expert") == 1 for c in trains)
         assert all(c[c.index("--question-expert") + 1] == expected for c in trains)
+
+
+def test_experiment_second_choice_reaches_calibrate_and_evaluate(tmp_path, monkeypatch):
+    """With --second-choice, calibrate.py scores the second choice (its own JSON, the analysis's limit
+    the evaluation's) and the threshold rows are evaluated with it, labelled auto-tT-second."""
+    import experiment
+    commands = []
+
+    def run(cmd, done):
+        commands.append(cmd)
+        if cmd[1] == "calibrate.py":
+            json.dump({"target_threshold": 0.21}, open(done, "w"))
+
+    monkeypatch.setattr(experiment, "run", run)
+    monkeypatch.setattr(experiment, "print_table", lambda rows: None)
+    os.makedirs(tmp_path / "demo-mote")
+    monkeypatch.setattr(sys, "argv", ["experiment.py", "--out", str(tmp_path), "--variants", "mote", "--second-choice"])
+    experiment.main()
+    calibrate, = [c for c in commands if c[1] == "calibrate.py"]
+    assert "--second-choice" in calibrate and calibrate[-1] == str(tmp_path / "demo-mote" / "calibrate-second.json")
+    assert calibrate[calibrate.index("--max-step-tokens") + 1] == str(experiment.MAX_STEP_TOKENS)
+    evals = {os.path.relpath(c[c.index("--out") + 1], tmp_path): c for c in commands if c[1] == "evaluate.py" and "--adapters" in c}
+    assert sorted(evals) == ["demo-mote/eval-auto", "demo-mote/eval-auto-t0.21-second"]
+    assert "--second-choice" in evals["demo-mote/eval-auto-t0.21-second"] and "--second-choice" not in evals["demo-mote/eval-auto"]
 
 
 @pytest.mark.parametrize("argv, message", [

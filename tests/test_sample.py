@@ -100,6 +100,17 @@ def test_a_steps_threshold_sets_the_auto_paths_first_choice(threshold, markers):
     assert [t for t in out if t >= V] == markers
 
 
+@pytest.mark.parametrize("threshold,markers", [(0.9, [A, A_, G, G_, R, R_]), (0.93, [A, A_, R, R_]), (0.96, [R, R_])])
+def test_the_second_choice_takes_the_guidance_by_the_paths_probability(threshold, markers):
+    """--second-choice: the steps start with the analysis (not the likelier <g>), and after it the
+    guidance is taken iff P(steps) x P(<g> | analysis) >= T: 0.958 x 0.953 = 0.913 (<g> 12 against
+    <r> 9). At 0.93 the first choice takes the steps (0.958) and the second answers."""
+    model = MarkerHappyModel()
+    out = generate(model, [[1, 2, 3]], [STOP], max_new_tokens=40, experts=True, path="auto", steps_threshold=threshold,
+                   second_choice=True)[0]
+    assert [t for t in out if t >= V] == markers
+
+
 def tiny_with_experts():
     torch.manual_seed(0)
     model = Transformer(ModelArgs.preset("tiny")).eval()
@@ -128,6 +139,27 @@ def test_calibrates_scores_predict_the_samplers_first_choice():
     out = generate(model, [tok.chat(q) for q in questions], tok.stop_ids, max_new_tokens=1, experts=True, steps_threshold=t)
     assert [ids[0] != R for ids in out] == [s >= t for s in scores] and 0 < sum(s >= t for s in scores) < 12
     assert calibrate.auc([1, 2], [0, 2]) == 2.5 / 4
+
+
+def test_calibrates_second_choice_scores_predict_the_samplers_second_choice():
+    """calibrate.scores with second_choice (its own greedy analyses, batched differently) is the
+    product take_steps thresholds after the analysis: a row reaches the guidance iff its score >= T."""
+    import calibrate
+    from tokenizer import byte_tokenizer
+    model, tok = tiny_with_experts(), byte_tokenizer()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".new"):
+                p.normal_(0, 0.5)
+    questions = [f"question number {i}?" for i in range(12)]
+    first = calibrate.p_steps(model, tok, questions)
+    scores = calibrate.scores(model, tok, questions, second_choice=True, max_step_tokens=4)
+    t = sorted(scores)[6]
+    out = generate(model, [tok.chat(q) for q in questions], tok.stop_ids, max_new_tokens=8, experts=True,
+                   steps_threshold=t, second_choice=True, max_step_tokens=4)
+    assert [G in ids for ids in out] == [s >= t for s in scores] and 0 < sum(s >= t for s in scores) < 12
+    assert any(f >= t > s for f, s in zip(first, scores))  # some row takes the analysis, then answers
+    assert all((A in ids) == (f >= t) for ids, f in zip(out, first))
 
 
 def test_auc_interval_is_hanley_mcneils():
