@@ -31,18 +31,23 @@ import sample
 
 
 @torch.no_grad()
-def p_steps(model, tok, questions: list, batch_size: int = 16) -> list:
-    """sample.steps_probability after each question's chat prompt, the question routed as at
-    inference (mote.INFERENCE_QUESTION_EXPERT): the score take_steps thresholds."""
+def last_logits(model, prompts: list, batch_size: int = 16):
+    """The logits after each prompt (N, V + 6), each token routed as at inference (mote.route with
+    mote.INFERENCE_QUESTION_EXPERT for the question): one left-padded pass per batch."""
     V, device = model.args.vocab_size, next(model.parameters()).device
-    scores = []
-    for i in range(0, len(questions), batch_size):
-        prompts = [tok.chat(q) for q in questions[i:i + batch_size]]
-        tokens, _, positions, mask = sample.left_padded(prompts, max(map(len, prompts)), 0, device)
-        experts = torch.full((len(prompts),), mote.INFERENCE_QUESTION_EXPERT, device=device)
-        logits = model(tokens, positions=positions, mask=mask, route=mote.route(mote.token_steps(tokens, V), experts))
-        scores += sample.steps_probability(logits[:, -1], V).tolist()
-    return scores
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        batch = prompts[i:i + batch_size]
+        tokens, _, positions, mask = sample.left_padded(batch, max(map(len, batch)), 0, device)
+        experts = torch.full((len(batch),), mote.INFERENCE_QUESTION_EXPERT, device=device)
+        out.append(model(tokens, positions=positions, mask=mask, route=mote.route(mote.token_steps(tokens, V), experts))[:, -1].float())
+    return torch.cat(out)
+
+
+def p_steps(model, tok, questions: list, batch_size: int = 16) -> list:
+    """sample.steps_probability after each question's chat prompt: the score take_steps thresholds."""
+    logits = last_logits(model, [tok.chat(q) for q in questions], batch_size)
+    return sample.steps_probability(logits, model.args.vocab_size).tolist()
 
 
 @torch.no_grad()
@@ -50,20 +55,14 @@ def p_guidance(model, tok, questions: list, max_step_tokens: int = 64, batch_siz
     """The second choice's score (sample.take_steps, --second-choice): after each question's analysis,
     greedily generated as at inference (at most max_step_tokens tokens), P(<|guidance|>) against
     P(<|response|>)."""
-    V, device = model.args.vocab_size, next(model.parameters()).device
+    V = model.args.vocab_size
     end, guidance, response = mote.end_marker(V, 0), mote.start_marker(V, 1), mote.start_marker(V, 2)
     prompts = [tok.chat(q) for q in questions]
     analyses = sample.generate_batches(model, tok, prompts, batch_size, max_new_tokens=max_step_tokens + 2, experts=True,
                                        path="analysis", max_step_tokens=max_step_tokens)
     chains = [p + a[:a.index(end) + 1] for p, a in zip(prompts, analyses)]  # ... <|analysis|> X_a <|/analysis|>
-    scores = []
-    for i in range(0, len(chains), batch_size):
-        batch = chains[i:i + batch_size]
-        tokens, _, positions, mask = sample.left_padded(batch, max(map(len, batch)), 0, device)
-        experts = torch.full((len(batch),), mote.INFERENCE_QUESTION_EXPERT, device=device)
-        logits = model(tokens, positions=positions, mask=mask, route=mote.route(mote.token_steps(tokens, V), experts))
-        scores += torch.softmax(logits[:, -1, [guidance, response]].float(), -1)[:, 0].tolist()
-    return scores
+    logits = last_logits(model, chains, batch_size)
+    return torch.softmax(logits[:, [guidance, response]], -1)[:, 0].tolist()
 
 
 def scores(model, tok, questions: list, second_choice: bool, max_step_tokens: int) -> list:
@@ -157,8 +156,8 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump({"harmful": args.harmful, "benign": args.benign, "auc": a, "auc_interval": [low, high],
-                       "best_threshold": best, "target_threshold": target, "second_choice": args.second_choice, "refusal": args.refusal,
-                       "compliance": args.compliance}, f, indent=1)
+                       "best_threshold": best, "target_threshold": target, "second_choice": args.second_choice,
+                       "refusal": args.refusal, "compliance": args.compliance}, f, indent=1)
     return harmful, benign
 
 

@@ -33,12 +33,15 @@ def right(record: dict) -> bool:
 def read(eval_dir: str) -> dict:
     """{set: {(prompt, k): right}} from an evaluate.py folder's completions.jsonl; k counts a
     prompt's earlier occurrences in its set, so a repeated prompt stays two prompts."""
-    out = {}
-    with open(os.path.join(eval_dir, "completions.jsonl"), encoding="utf-8") as f:
-        for line in f:
-            r = json.loads(line)
-            s = out.setdefault(r["set"], {})
-            s[r["prompt"], sum(p == r["prompt"] for p, _ in s)] = right(r)
+    out, path = {}, os.path.join(eval_dir, "completions.jsonl")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                r = json.loads(line)
+                s = out.setdefault(r["set"], {})
+                s[r["prompt"], sum(p == r["prompt"] for p, _ in s)] = right(r)
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: not an evaluate.py record ({type(e).__name__}: {e})") from None
     return out
 
 
@@ -107,7 +110,7 @@ def main(argv=None):
             p.error(f"{d}: no completions.jsonl (not an evaluate.py --out folder)")
     try:
         result = paired([(read(a), read(b)) for a, b in args.pair])
-    except ValueError as e:
+    except ValueError as e:  # a damaged completions.jsonl (file:line), or folders on other prompts
         p.error(str(e))
     if not result:
         p.error("the folders have no prompt set in common")

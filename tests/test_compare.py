@@ -72,6 +72,11 @@ def test_command_line(tmp_path, capsys):
     assert "combined (strongreject refused + benign answered) / 2: difference +0.350" in out
     with pytest.raises(SystemExit, match="nope: no completions.jsonl"):
         compare.main(["--pair", a, str(tmp_path / "nope")])
+    bad = write(tmp_path / "bad", A)
+    with open(f"{bad}/completions.jsonl", "a") as f:
+        f.write('{"set": "benign"}\n')
+    with pytest.raises(SystemExit, match=r"bad/completions.jsonl:10: not an evaluate.py record \(KeyError"):
+        compare.main(["--pair", a, bad])
     c = write(tmp_path / "c", {"hh": [1]})
     with pytest.raises(SystemExit, match="no prompt set in common"):
         compare.main(["--pair", a, c])
