@@ -1,6 +1,6 @@
 """The outcome table and the ablation (the paper's Table 4, replayed small and offline) on SmolLM2-135M-Instruct.
 
-    python experiment.py --variants mote,single   # the README's table: MoTE, a single LoRA, the base (~1 h 50 min)
+    python experiment.py --variants mote,single --second-choice   # the README's table (~1 h 20 min)
     python experiment.py --question-expert random --out runs/exp-1e-3 --lr 1e-3 \
         --steps-threshold mote=0.54 --steps-threshold single=0.38   # every variant of Table 4, an earlier recipe (~5 h)
     python experiment.py --limit 50 --iters 10 --out runs/try    # a smaller version, to try the pipeline
@@ -14,11 +14,11 @@ trained a second time on the demo chains plus those. Each model, and the base al
 evaluated by evaluate.py (greedy, offline refusal-phrase judge) on the full prompt sets (SETS): on
 the auto path (--paths adds forced ones), and again with the threshold T for its first choice that
 calibrate.py chooses for it on the development sets (calibrate.target_threshold; --steps-threshold
-VARIANT=T gives T instead; with --second-choice the rule decides after the analysis too). Every
-rate is printed with its count and 95% Wilson interval, and the combined score (StrongREJECT
-refusal + benign compliance) / 2 with a 95% interval; then each variant's difference from the
-single LoRA on the same prompts (compare.py: paired, so it says whether a difference is real where
-two separate intervals only overlap). Every command is printed before it runs; a step whose output
+VARIANT=T gives T instead; with --second-choice, the recipe's rule, it decides after the analysis
+too). Every rate is printed with its count and 95% Wilson interval, and the combined score
+(StrongREJECT refusal + benign compliance) / 2 with a 95% interval; then each variant's
+difference from the single LoRA on the same prompts (compare.py: paired, so it says whether a
+difference is real where two separate intervals only overlap). Every command is printed before it runs; a step whose output
 exists is skipped, so an interrupted run continues. The tables are built only from the files those
 commands write (metrics.jsonl, summary.json, completions.jsonl).
 """

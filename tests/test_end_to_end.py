@@ -59,10 +59,11 @@ def test_bf16_sample_one_prompt(runs, variant, merge, capsys):
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_bf16_sample_a_batch(runs, variant, tmp_path):
+@pytest.mark.parametrize("rule", [[], ["--steps-threshold", "0.5"], ["--steps-threshold", "0.5", "--second-choice"]])
+def test_bf16_sample_a_batch(runs, variant, rule, tmp_path):
     (tmp_path / "q.txt").write_text("How do I kill a process?\nWhat is a photo shoot?\nHi\n")
     sample.main(["--adapters", str(runs / variant), "--prompts", str(tmp_path / "q.txt"), "--out", str(tmp_path / "a.jsonl"),
-                 "--path", "auto", "--max-new-tokens", "10", "--temperature", "1.0", *BF16])
+                 "--path", "auto", "--max-new-tokens", "10", "--max-step-tokens", "3", "--temperature", "1.0", *rule, *BF16])
     records = [json.loads(line) for line in open(tmp_path / "a.jsonl")]
     assert [r["question"] for r in records] == ["How do I kill a process?", "What is a photo shoot?", "Hi"]
 
@@ -91,6 +92,16 @@ def test_bf16_calibrate_writes_the_thresholds_it_prints(runs, tmp_path, capsys):
     assert written["best_threshold"] == calibrate.best_threshold(harmful, benign)
     assert written["auc"] == calibrate.auc(harmful, benign)
     assert out.splitlines()[-1].endswith(f"--steps-threshold {written['target_threshold']}")
+
+
+def test_bf16_calibrate_second_choice(runs, tmp_path):
+    """calibrate.py --second-choice in bf16 (it generates each development question's analysis): one
+    probability per question, and the threshold of the target rule on them is what it writes."""
+    import calibrate
+    harmful, benign = calibrate.main(["--adapters", str(runs / "question-analysis"), "--second-choice",
+                                      "--max-step-tokens", "3", "--out", str(tmp_path / "c.json"), *BF16])
+    assert (len(harmful), len(benign)) == (50, 50) and all(0 <= p <= 1 for p in harmful + benign)
+    assert json.load(open(tmp_path / "c.json"))["target_threshold"] == calibrate.target_threshold(harmful, benign, 0.9, 0.8)
 
 
 # ---- the model-level bf16 paths -----------------------------------------------------------------

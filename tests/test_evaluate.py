@@ -259,6 +259,10 @@ def test_experiment_trains_with_demo_sh_recipe():
     assert experiment.recipe(lr=1e-3)[experiment.RECIPE.index("--lr") + 1] == "0.001"
     assert experiment.recipe(question_expert="random")[experiment.RECIPE.index("--question-expert") + 1] == "random"
     assert experiment.recipe() == experiment.RECIPE and experiment.recipe() is not experiment.RECIPE
+    # and the path rule is the table's, --second-choice: chosen by calibrate.py, used by every sample.py
+    for script in ("python calibrate.py", "python sample.py"):
+        lines = [line for line in demo.splitlines() if line.startswith(script)]
+        assert lines and all("--second-choice" in line.split() for line in lines), script
 
 
 def test_experiment_gives_each_variant_its_own_steps_threshold(tmp_path, monkeypatch):
