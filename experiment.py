@@ -18,9 +18,9 @@ VARIANT=T gives T instead; with --second-choice, the recipe's rule, it decides a
 too). Every rate is printed with its count and 95% Wilson interval, and the combined score
 (StrongREJECT refusal + benign compliance) / 2 with a 95% interval; then each variant's
 difference from the single LoRA on the same prompts (compare.py: paired, so it says whether a
-difference is real where two separate intervals only overlap). Every command is printed before it runs; a step whose output
-exists is skipped, so an interrupted run continues. The tables are built only from the files those
-commands write (metrics.jsonl, summary.json, completions.jsonl).
+difference is real where two separate intervals only overlap). Every command is printed before it
+runs; a step whose output exists is skipped, so an interrupted run continues. The tables are built
+only from the files those commands write (metrics.jsonl, summary.json, completions.jsonl).
 """
 import argparse
 import json
