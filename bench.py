@@ -2,6 +2,7 @@
 
     python bench.py                # CPU: tiny and smollm2-135m shapes (a few minutes on 2 cores)
     python bench.py --quick        # fewer repeats
+    python bench.py --dtype auto   # the CPU rows in the dtype train.py would choose (default: fp32 and bf16)
     python bench.py --gpu          # the CUDA rows instead: smollm2-135m and llama31-8b shapes
 
 Rows: training tokens/s of train.py's MoTE step (chain_loss: seven linears, 3 step experts +
@@ -126,9 +127,13 @@ def hf_lora_step_fn(args, batch, dtype, device, checkpointing, rank=16):
     return step
 
 
-def bench_training(preset, batch, seq, device, repeats, checkpointing=False):
+def short(dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+
+
+def bench_training(preset, batch, seq, device, repeats, checkpointing=False, dtype_name="auto"):
     args = ModelArgs.preset(preset)
-    dtype, sync = resolve_dtype("auto", device), synchronizer(device)
+    (dtype, _), sync = resolve_dtype(dtype_name, device), synchronizer(device)
     chains = chain_batch(args, batch, seq, device)
     n_params = sum(p.numel() for p in random_base(args, "meta", dtype).parameters())
     results = {}
@@ -158,9 +163,9 @@ def bench_training(preset, batch, seq, device, repeats, checkpointing=False):
             flops = 4 * n_params * batch * seq + 4 * args.n_layers * batch * seq * seq * args.dim  # + causal attention
             extra = (f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, "
                      f"MFU {flops / seconds / PEAK_FLOPS.get(torch.cuda.get_device_name(), 989e12):.1%}")
-        row(f"train {preset} {variant} fwd+bwd B={batch} T={seq}", results[variant], "tok/s", extra)
+        row(f"train {preset} {short(dtype)} {variant} fwd+bwd B={batch} T={seq}", results[variant], "tok/s", extra)
         step = model = None
-    name = f"train {preset}"
+    name = f"train {preset} {short(dtype)}"
     row(f"{name} MoTE / single LoRA step time", results["single"] / results["mote"], "x", "target <= 1.10")
     row(f"{name} MoTE / frozen base fwd+bwd speed", results["mote"] / results["base"], "x", "target >= 0.6 (GPU)")
     if "hf+peft" in results:
@@ -196,9 +201,9 @@ def hf_generate_fn(model, prompt, new_tokens, cache_implementation):
     return lambda: hf.generate(ids, **kw)
 
 
-def bench_decoding(preset, device, repeats, new_tokens):
+def bench_decoding(preset, device, repeats, new_tokens, dtype_name="auto"):
     args = ModelArgs.preset(preset)
-    dtype, sync = resolve_dtype("auto", device), synchronizer(device)
+    (dtype, _), sync = resolve_dtype(dtype_name, device), synchronizer(device)
     model = random_base(args, device, dtype)
     weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     prompt = torch.randint(0, args.vocab_size, (32,)).tolist()
@@ -212,7 +217,7 @@ def bench_decoding(preset, device, repeats, new_tokens):
         for _ in range(new_tokens):
             seq = torch.cat([seq, model(seq)[:, -1:].argmax(-1)], dim=1)
 
-    name = f"decode {preset}"
+    name = f"decode {preset} {short(dtype)}"
     with torch.no_grad():
         t0 = time.perf_counter()
         run(1)()
@@ -251,7 +256,7 @@ def bench_per_token(preset, device, n_tokens=2000, window=20):
     sequence (attention runs over the whole static cache, so it is flat too)."""
     args = ModelArgs.preset(preset)
     args = replace(args, max_seq_len=max(args.max_seq_len, n_tokens + 64))
-    dtype, sync = resolve_dtype("auto", device), synchronizer(device)
+    (dtype, _), sync = resolve_dtype("auto", device), synchronizer(device)
     model = with_experts(random_base(args, device, dtype))
     with torch.no_grad():
         model.lm_head.new.zero_()  # markers score below the best text token: steps close at max_step_tokens
@@ -316,6 +321,8 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--gpu", action="store_true", help="run the CUDA rows (smollm2-135m and llama31-8b shapes) instead")
     p.add_argument("--memory", metavar="PRESET", help="print the training-memory arithmetic for a preset and exit")
+    p.add_argument("--dtype", choices=("both", "auto", "bfloat16", "float32"), default="both",
+                   help="the CPU rows' dtype (model.choose_dtype); both: fp32 and bf16 side by side, ours and HF+PEFT alike")
     args = p.parse_args()
     if args.memory:
         return memory_estimate(args.memory)
@@ -331,9 +338,10 @@ def main():
         bench_decoding("llama31-8b", "cuda", 3, 128)
         bench_per_token("llama31-8b", "cuda", n_tokens=1000)
         return
-    bench_training("tiny", 8, 256, "cpu", repeats)
-    bench_training("smollm2-135m", 4, 256, "cpu", max(2, repeats - 1))
-    bench_decoding("smollm2-135m", "cpu", max(1, repeats // 2), 32 if args.quick else 64)
+    for name in ("float32", "bfloat16") if args.dtype == "both" else (args.dtype,):
+        bench_training("tiny", 8, 256, "cpu", repeats, dtype_name=name)
+        bench_training("smollm2-135m", 4, 256, "cpu", max(2, repeats - 1), dtype_name=name)
+        bench_decoding("smollm2-135m", "cpu", max(1, repeats // 2), 32 if args.quick else 64, dtype_name=name)
     bench_per_token("tiny", "cpu")
     bench_loading()
 

@@ -127,9 +127,13 @@ def main(argv=None):
                    "length limit, as given to evaluate.py")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto")
     p.add_argument("--out", help="also write the AUC and both suggested thresholds to this JSON file")
+    p.add_argument("--save", action="store_true", help="store the threshold for the targets as the run folder's path "
+                   f"rule ({sample.RULE_FILE}), which sample.py and evaluate.py then use by default")
     args = p.parse_args(argv)
     if not (0 < args.refusal < 1 and 0 < args.compliance < 1):
         p.error("--refusal and --compliance: shares strictly between 0 and 1")
+    if args.save and not (args.adapters and os.path.isdir(args.adapters)):
+        p.error("--save: give --adapters DIR, the run folder to store the rule in")
     if args.out and not os.path.isdir(os.path.dirname(args.out) or "."):
         p.error(f"--out {args.out}: no such directory {os.path.dirname(args.out)!r}")
     for name, label in ((args.harmful, "harmful"), (args.benign, "benign")):
@@ -158,6 +162,12 @@ def main(argv=None):
             json.dump({"harmful": args.harmful, "benign": args.benign, "auc": a, "auc_interval": [low, high],
                        "best_threshold": best, "target_threshold": target, "second_choice": args.second_choice,
                        "refusal": args.refusal, "compliance": args.compliance}, f, indent=1)
+    if args.save:
+        with open(os.path.join(args.adapters, sample.RULE_FILE), "w", encoding="utf-8") as f:
+            json.dump({"steps_threshold": target, "second_choice": args.second_choice,
+                       "chosen_on": [args.harmful, args.benign], "refusal": args.refusal,
+                       "compliance": args.compliance}, f, indent=1)
+        print(f"wrote {os.path.join(args.adapters, sample.RULE_FILE)}: sample.py and evaluate.py use it by default")
     return harmful, benign
 
 

@@ -59,7 +59,8 @@ def paired(pairs: list) -> dict:
     its interval half-width. Every pair must hold the same prompts in a set."""
     sets = set.intersection(*(set(a) & set(b) for a, b in pairs))
     out = {}
-    for name in sorted(sets, key=lambda n: (evaluate.SETS[n] != "harmful", list(evaluate.SETS).index(n))):
+    order = list(evaluate.SETS)
+    for name in sorted(sets, key=lambda n: (evaluate.label_of(n) != "harmful", order.index(n) if n in order else len(order), n)):
         prompts = pairs[0][0][name].keys()
         if any(a[name].keys() != prompts or b[name].keys() != prompts for a, b in pairs):
             raise ValueError(f"set {name}: the folders did not answer the same prompts")
@@ -90,7 +91,7 @@ def report(result: dict, runs: int, a: str = "A", b: str = "B") -> str:
     for name, r in result.items():
         if name == "combined":
             continue
-        what = "refused" if evaluate.SETS[name] == "harmful" else "answered"
+        what = "refused" if evaluate.label_of(name) == "harmful" else "answered"
         total = r["n"] * runs
         lines.append(f"{name:<13} {what:<8} {a} {r['a']}/{total}, {b} {r['b']}/{total}; only {a} {r['only_a']}, "
                      f"only {b} {r['only_b']}; difference {difference(r)}")

@@ -2,10 +2,11 @@
 into the token sequence the model learns, batching, and the HH-RLHF questions the chains start from.
 
     chat(question) <|analysis|> analysis <|/analysis|> <|guidance|> guidance <|/guidance|>
-                   <|response|> answer <|/response|> <eot>
+                   <|response|> response <|/response|> <eot>
 """
 import gzip
 import json
+import sys
 
 import torch
 
@@ -13,10 +14,10 @@ import mote
 
 # ---- reasoning chains (METHOD.md sec. 1-2) -----------------------------------------------------------
 
-CHAIN_KEYS = ("question", "analysis", "guidance", "answer", "check", "path")
-CHAIN_PATHS = ("answer", "analysis", "guidance")  # "path": the stage self-generation stopped at (selfgen.py)
+CHAIN_KEYS = ("question", "analysis", "guidance", "response", "check", "path", "source")
+CHAIN_PATHS = ("response", "analysis", "guidance")  # "path": the stage self-generation stopped at (selfgen.py)
 VERDICTS = ("safe", "unsafe", "unparsed")  # "check": the verdict of each safety check, comma-separated
-STEP_KEYS = ("analysis", "guidance", "answer")  # the text of each step of mote.STEPS, in order
+STEP_KEYS = mote.STEPS  # a chain's key for the text of each step, in order
 
 
 class DataError(ValueError):
@@ -25,11 +26,14 @@ class DataError(ValueError):
 
 def read_chains(path: str) -> list:
     """Read and validate a JSONL file of reasoning chains, one per line:
-    {"question": str, "analysis": str?, "guidance": str?, "answer": str, "check": str?, "path": str?}.
-    Analysis and guidance are optional, the answer is required and non-empty; check is the stored
+    {"question": str, "analysis": str?, "guidance": str?, "response": str, "check": str?, "path": str?,
+    "source": str?}.
+    Analysis and guidance are optional, the response is required and non-empty; check is the stored
     safety verdicts ("safe", or one per check in order: "unsafe,safe"); path is where self-generation
-    stopped (CHAIN_PATHS). Blank lines are skipped; anything else that is wrong raises DataError."""
-    chains = []
+    stopped (CHAIN_PATHS); source names who wrote the chain (README: the data). Blank lines are
+    skipped; anything else that is wrong raises DataError. A file of the older format ("answer" for
+    "response", path "answer" for "response") is read, with a one-line note."""
+    chains, renamed = [], False
     try:
         lines = open(path, encoding="utf-8").read().splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -44,29 +48,35 @@ def read_chains(path: str) -> list:
             raise DataError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if "answer" in record and "response" not in record:
+            record["response"], renamed = record.pop("answer"), True
+            if record.get("path") == "answer":
+                record["path"] = "response"
         unknown = sorted(set(record) - set(CHAIN_KEYS))
         if unknown:
             raise DataError(f"{where}: unknown keys {unknown}; allowed: {list(CHAIN_KEYS)}")
         for key, value in record.items():
             if not isinstance(value, str):
                 raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
-        for key in ("question", "answer"):
+        for key in ("question", "response"):
             if not record.get(key, "").strip():
                 raise DataError(f"{where}: missing or empty {key!r}")
-        if record.get("path", "answer") not in CHAIN_PATHS:
+        if record.get("path", "response") not in CHAIN_PATHS:
             raise DataError(f"{where}: 'path' must be one of {list(CHAIN_PATHS)}, got {record['path']!r}")
         if not set(record.get("check", "safe").split(",")) <= set(VERDICTS):
             raise DataError(f"{where}: 'check' must be verdicts {list(VERDICTS)} joined by commas, got {record['check']!r}")
         chains.append(record)
     if not chains:
         raise DataError(f"{path}: no chains (the file is empty)")
+    if renamed:
+        print(f"note: {path}: read the older key 'answer' as 'response'", file=sys.stderr)
     return chains
 
 
 def encode_chain(tok, chain: dict, base_vocab: int):
     """A chain -> (tokens, targets), lists of ids (METHOD.md sec. 2):
 
-        chat(question) <|analysis|> analysis <|/analysis|> ... <|response|> answer <|/response|> <eot>
+        chat(question) <|analysis|> analysis <|/analysis|> ... <|response|> response <|/response|> <eot>
 
     targets[t] is the token t must predict, or -100: the question and chat template are never
     learned; every step token, every marker and the closing end-of-turn are."""
@@ -120,10 +130,3 @@ def hh_questions(path: str) -> list:
                 questions.append(first)
     return questions
 
-
-if __name__ == "__main__":
-    import sys
-    if sys.argv[1:2] != ["generate"]:
-        sys.exit("usage: python data.py generate --base PATH --questions FILE --out chains.jsonl [...] (see selfgen.py)")
-    import selfgen
-    selfgen.main(sys.argv[2:])

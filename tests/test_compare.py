@@ -4,6 +4,7 @@ import json
 import pytest
 
 import compare
+import evaluate
 import experiment
 
 
@@ -82,17 +83,21 @@ def test_command_line(tmp_path, capsys):
         compare.main(["--pair", a, c])
 
 
-def test_experiment_compares_each_variant_with_the_single_lora_on_the_same_kind_of_path(tmp_path, capsys):
-    """The plain auto path against the plain auto path, a threshold against a threshold, read from
-    completions.jsonl."""
+def test_experiment_compares_each_variant_with_the_single_lora_on_the_same_path_pooling_seeds(tmp_path, capsys):
+    """Each variant against the single LoRA of the same seed on the same path, read from
+    completions.jsonl, the seeds pooled per prompt (compare.paired)."""
     sets = {n: [1, 1, 0, 1] for n in experiment.SETS}
     rows = [("-", "base alone", "-", write(tmp_path / "base", sets), None)]
-    for name, right in (("MoTE", 1), ("single LoRA", 0)):
-        for path in ("auto", "auto-t0.4" if name == "MoTE" else "auto-t0.3"):
-            verdicts = {n: [1, 1, 0, right if path == "auto" else 1 - right] for n in experiment.SETS}
-            rows.append(("demo", name, path, write(tmp_path / name / f"eval-{path}", verdicts), str(tmp_path / name)))
+    for seed in ("seed 0", "seed 1"):
+        for name, right in (("MoTE", 1), ("single LoRA", 0)):
+            for path in ("auto", "full") if name == "MoTE" else ("auto",):
+                verdicts = {n: [1, 1, 0, right] for n in experiment.SETS}
+                out = write(tmp_path / seed / name / f"eval-{path}", verdicts)
+                rows.append((seed, name, path, out, str(tmp_path / seed / name)))
     experiment.print_against_single(rows)
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-2].startswith("| demo | MoTE | auto | auto | only 1 / 0, +0.25 [")
-    assert lines[-1].startswith("| demo | MoTE | auto-t0.4 | auto-t0.3 | only 0 / 1, -0.25 [")
-    assert lines[-1].endswith("| -0.25 [-0.60, +0.10] |")  # combined: (-1/4 - 1/4) / 2, half sqrt(2) * 0.49 / 2
+    assert lines[-1].startswith("| MoTE | auto | 2 | only 2 / 0, +0.25 [")  # full has no single LoRA row to pair
+    assert lines[-1].endswith("| +0.25 [-0.10, +0.60] |")  # combined: (1/4 + 1/4) / 2 +- sqrt(2) * 0.49 / 2
+    assert evaluate.wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert evaluate.wilson(313, 313) == pytest.approx((0.9879, 1.0), abs=1e-4)
+

@@ -15,7 +15,6 @@ from evaluate import is_refusal
 V = 264
 TOK = byte_tokenizer().with_special_tokens(mote.marker_tokens(V))
 DEMO = os.path.join(os.path.dirname(__file__), "..", "data", "demo_chains.jsonl")
-EXTRA = os.path.join(os.path.dirname(__file__), "..", "data", "extra_chains.jsonl")
 HH = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "hh-rlhf", "harmless-base-test.jsonl.gz")
 
 
@@ -25,20 +24,20 @@ def write(tmp_path, *lines):
     return str(path)
 
 
-GOOD = json.dumps({"question": "q?", "answer": "a."})
+GOOD = json.dumps({"question": "q?", "response": "a."})
 
 
 @pytest.mark.parametrize("line,message", [
-    ('{"question": "q", "answer": ', "invalid JSON"),
-    ('["question", "answer"]', "expected a JSON object, got list"),
-    ('{"question": "q"}', "missing or empty 'answer'"),
-    ('{"question": "q", "answer": "   "}', "missing or empty 'answer'"),
-    ('{"question": "", "answer": "a"}', "missing or empty 'question'"),
-    ('{"question": "q", "answer": "a", "reasoning": "r"}', r"unknown keys \['reasoning'\]"),
-    ('{"question": "q", "answer": "a", "analysis": 3}', "field 'analysis' must be a string, got int"),
-    ('{"question": "q", "answer": ["a"]}', "field 'answer' must be a string, got list"),
-    ('{"question": "q", "answer": "a", "path": "shortcut"}', "'path' must be one of"),
-    ('{"question": "q", "answer": "a", "check": "unsafe,maybe"}', "'check' must be verdicts"),
+    ('{"question": "q", "response": ', "invalid JSON"),
+    ('["question", "response"]', "expected a JSON object, got list"),
+    ('{"question": "q"}', "missing or empty 'response'"),
+    ('{"question": "q", "response": "   "}', "missing or empty 'response'"),
+    ('{"question": "", "response": "a"}', "missing or empty 'question'"),
+    ('{"question": "q", "response": "a", "reasoning": "r"}', r"unknown keys \['reasoning'\]"),
+    ('{"question": "q", "response": "a", "analysis": 3}', "field 'analysis' must be a string, got int"),
+    ('{"question": "q", "response": ["a"]}', "field 'response' must be a string, got list"),
+    ('{"question": "q", "response": "a", "path": "shortcut"}', "'path' must be one of"),
+    ('{"question": "q", "response": "a", "check": "unsafe,maybe"}', "'check' must be verdicts"),
 ])
 def test_bad_lines_name_file_and_line(tmp_path, line, message):
     path = write(tmp_path, GOOD, "", line)  # line 3 (the blank line 2 is skipped)
@@ -61,11 +60,11 @@ def test_train_py_reports_bad_data_in_one_line(tmp_path):
     run = subprocess.run([sys.executable, "train.py", "--base", "x", "--data", path, "--out", str(tmp_path / "o")],
                          capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert run.returncode != 0 and "Traceback" not in run.stderr
-    assert run.stderr.strip() == f"error: {path}:2: missing or empty 'answer'"
+    assert run.stderr.strip() == f"error: {path}:2: missing or empty 'response'"
 
 
 def test_chain_encoding_layout_and_labels():
-    chain = {"question": "Hi?", "analysis": "risk", "answer": "ok", "check": "safe"}
+    chain = {"question": "Hi?", "analysis": "risk", "response": "ok", "check": "safe"}
     tokens, targets = encode_chain(TOK, chain, V)
     prompt = TOK.chat("Hi?")
     A, A_, R, R_ = V, V + 1, V + 4, V + 5
@@ -79,14 +78,14 @@ def test_chain_encoding_layout_and_labels():
 
 
 def test_long_chains_are_dropped_and_counted():
-    chains = [{"question": "q", "answer": "a" * n} for n in (5, 500, 10)]
+    chains = [{"question": "q", "response": "a" * n} for n in (5, 500, 10)]
     kept, dropped = encode_chains(TOK, chains, V, max_len=100)
     assert dropped == 1 and [len(t) for t, _ in kept] == [len(encode_chain(TOK, chains[0], V)[0]),
                                                           len(encode_chain(TOK, chains[2], V)[0])]
 
 
 def test_collate_pads_on_the_right():
-    a, b = encode_chain(TOK, {"question": "q", "answer": "a"}, V), encode_chain(TOK, {"question": "q", "answer": "abc"}, V)
+    a, b = encode_chain(TOK, {"question": "q", "response": "a"}, V), encode_chain(TOK, {"question": "q", "response": "abc"}, V)
     tokens, targets, valid = collate([a, b], pad_id=TOK.eot_id)
     assert tokens.shape == (2, len(b[0])) and valid.sum(1).tolist() == [len(a[0]), len(b[0])]
     assert (targets[0, len(a[0]):] == -100).all() and tokens[0, :len(a[0])].tolist() == a[0]
@@ -121,10 +120,46 @@ def test_demo_set_is_valid_and_mixed():
     assert len({c["question"] for c in chains}) == len(chains)
 
 
-def test_extra_set_is_valid_new_and_labelled_by_its_steps():
-    """The 280 chains of README recipe step 9: valid, none a demo question, and every chain with a
-    guidance (the harmful ones) ends in a refusal while no other chain's answer reads as one."""
-    extra = read_chains(EXTRA)
-    assert len(extra) == 280 and len({c["question"] for c in extra}) == 280
-    assert not {c["question"] for c in extra} & {c["question"] for c in read_chains(DEMO)}
-    assert [is_refusal(c["answer"]) for c in extra] == ["guidance" in c for c in extra]
+def test_the_verdict_is_in_the_words_not_in_the_path():
+    """The recipe's chains (README: the data): every analysis ends with its verdict, "Verdict: harmful."
+    or "Verdict: harmless."; a benign chain's guidance says what to answer ("Answer..."), a harmful
+    one's does not; both verdicts are on every path (direct, analysis, analysis + guidance), so taking
+    a step says nothing of the verdict; and an English response refuses iff its verdict is harmful,
+    but for a few soft declines ("Please don't...") that the phrase judge does not count."""
+    chains = read_chains(DEMO)
+    label = {c["question"]: c["analysis"].rsplit("Verdict: ", 1)[-1] for c in chains if "analysis" in c}
+    assert all(c["analysis"].endswith(("Verdict: harmful.", "Verdict: harmless.")) for c in chains if "analysis" in c)
+    assert all(c["guidance"].startswith("Answer") == (label[c["question"]] == "harmless.") for c in chains if "guidance" in c)
+    for steps in ({"response"}, {"analysis", "response"}, {"analysis", "guidance", "response"}):
+        on_path = [c for c in chains if set(c) & {"analysis", "guidance", "response"} == steps]
+        refused = sum(is_refusal(c["response"]) for c in on_path)
+        assert 0.25 * len(on_path) < refused < 0.75 * len(on_path), (steps, refused, len(on_path))
+    disagree = [c for c in chains if c["question"] in label and is_refusal(c["response"]) != (label[c["question"]] == "harmful.")]
+    assert len(disagree) <= 20 and all(label[c["question"]] == "harmful." for c in disagree)
+    assert len({c["question"] for c in chains}) == len(chains) and {c["source"] for c in chains} == SOURCES
+
+
+SOURCES = {"demo", "extra", "w1", "w2", "w3", "w4", "w5"}
+
+
+def test_a_chain_file_of_the_older_format_is_read_with_a_note(tmp_path, capsys):
+    path = write(tmp_path, json.dumps({"question": "q?", "answer": "a.", "path": "answer"}))
+    assert read_chains(path) == [{"question": "q?", "response": "a.", "path": "response"}]
+    assert capsys.readouterr().err == f"note: {path}: read the older key 'answer' as 'response'\n"
+
+
+
+
+def test_no_two_top_level_files_import_each_other():
+    import ast
+    import glob
+    root = os.path.join(os.path.dirname(__file__), "..")
+    local = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(root, "*.py"))}
+    imports = {}
+    for name in local:
+        tree = ast.parse(open(os.path.join(root, name + ".py")).read())
+        imports[name] = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names} | \
+                        {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imports[name] &= local
+    circles = {tuple(sorted((a, b))) for a in imports for b in imports[a] if a in imports.get(b, ())}
+    assert not circles, circles

@@ -18,7 +18,7 @@ from test_evaluate import fake_hh
 
 VARIANTS = {"mote": [], "token": ["--routing", "token"], "single": ["--routing", "single"],
             "no-shared": ["--no-shared"], "no-skipping": ["--skip-p", "0"],
-            "question-analysis": ["--question-expert", "analysis"]}
+            "question-random": ["--question-expert", "random"]}
 BF16 = ["--dtype", "bfloat16"]
 
 
@@ -76,19 +76,19 @@ def test_bf16_evaluate_and_selfgen_entry_points(runs, tmp_path):
     (tmp_path / "q.txt").write_text("How do I bake bread?\nHow do knots hold?\n")
     s = selfgen.main(["--base", str(runs / "tiny.safetensors"), "--questions", str(tmp_path / "q.txt"),
                       "--out", str(tmp_path / "chains.jsonl"), "--max-new-tokens", "6", "--temperature", "0.7", *BF16])
-    assert s["chains"] + s["dropped_empty_answer"] <= 2
+    assert s["chains"] + s["dropped_empty_response"] <= 2
 
 
 def test_bf16_calibrate_writes_the_thresholds_it_prints(runs, tmp_path, capsys):
     """calibrate.py --out (what experiment.py reads): the JSON holds the AUC and both thresholds of
     the printed lines, computed from the development sets' scores."""
     import calibrate
-    targets = ["--refusal", "0.5", "--compliance", "0.99"]  # here the two rules choose different thresholds
-    harmful, benign = calibrate.main(["--adapters", str(runs / "question-analysis"), "--out", str(tmp_path / "c.json"),
+    targets = ["--refusal", "0.1", "--compliance", "0.9"]  # here the two rules choose different thresholds
+    harmful, benign = calibrate.main(["--adapters", str(runs / "question-random"), "--out", str(tmp_path / "c.json"),
                                       *targets, *BF16])
     written, out = json.load(open(tmp_path / "c.json")), capsys.readouterr().out
     assert (len(harmful), len(benign)) == (50, 50) and written["target_threshold"] != written["best_threshold"]
-    assert written["target_threshold"] == calibrate.target_threshold(harmful, benign, 0.5, 0.99)
+    assert written["target_threshold"] == calibrate.target_threshold(harmful, benign, 0.1, 0.9)
     assert written["best_threshold"] == calibrate.best_threshold(harmful, benign)
     assert written["auc"] == calibrate.auc(harmful, benign)
     assert out.splitlines()[-1].endswith(f"--steps-threshold {written['target_threshold']}")
@@ -98,7 +98,7 @@ def test_bf16_calibrate_second_choice(runs, tmp_path):
     """calibrate.py --second-choice in bf16 (it generates each development question's analysis): one
     probability per question, and the threshold of the target rule on them is what it writes."""
     import calibrate
-    harmful, benign = calibrate.main(["--adapters", str(runs / "question-analysis"), "--second-choice",
+    harmful, benign = calibrate.main(["--adapters", str(runs / "question-random"), "--second-choice",
                                       "--max-step-tokens", "3", "--out", str(tmp_path / "c.json"), *BF16])
     assert (len(harmful), len(benign)) == (50, 50) and all(0 <= p <= 1 for p in harmful + benign)
     assert json.load(open(tmp_path / "c.json"))["target_threshold"] == calibrate.target_threshold(harmful, benign, 0.9, 0.8)
@@ -169,3 +169,24 @@ def test_sample_load_casts_the_experts_once(runs):
     """Inference runs in one dtype: the experts are cast to the base's dtype when loaded."""
     model, _ = sample.load(None, str(runs / "token"), "cpu", "bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_a_stored_path_rule_reaches_sample_and_evaluate(runs, tmp_path, capsys):
+    """calibrate.py --save stores its threshold in the run folder; sample.py and evaluate.py then
+    generate with it by default, and --argmax without it (README: decisions)."""
+    import shutil
+
+    import calibrate
+    import evaluate
+    import sample
+    run = tmp_path / "run"
+    shutil.copytree(runs / "mote", run)
+    calibrate.main(["--adapters", str(run), "--save", *BF16])
+    stored = json.load(open(run / "path_rule.json"))
+    assert stored["chosen_on"] == ["dev-harmful", "dev-benign"] and 0 <= stored["steps_threshold"] <= 1
+    capsys.readouterr()
+    sample.main(["--adapters", str(run), "--prompt", "Hi?", "--max-new-tokens", "3", *BF16])
+    assert f"--steps-threshold {stored['steps_threshold']}" in capsys.readouterr().err
+    flags = ["--adapters", str(run), "--sets", "dev-benign", "--limit", "2", "--max-new-tokens", "3", *BF16]
+    assert evaluate.main([*flags, "--out", str(tmp_path / "e1")])["steps_threshold"] == stored["steps_threshold"]
+    assert evaluate.main([*flags, "--out", str(tmp_path / "e2"), "--argmax"])["steps_threshold"] is None

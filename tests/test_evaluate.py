@@ -19,7 +19,7 @@ from evaluate import is_refusal
 from model import ModelArgs, Transformer
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data")
-TRAINING = [os.path.join(DATA, "demo_chains.jsonl"), os.path.join(DATA, "extra_chains.jsonl")]  # the recipe's; step 9's
+TRAINING = [os.path.join(DATA, "demo_chains.jsonl")]  # the recipe's
 
 REFUSALS = [
     "I can't help with that.",
@@ -183,9 +183,9 @@ def test_end_to_end_base(tiny, tmp_path):
 
 
 def test_end_to_end_adapters(tiny, tmp_path):
-    summary, records = run_evaluate(tiny, tmp_path, "--adapters", str(tiny / "run"), "--path", "answer")
+    summary, records = run_evaluate(tiny, tmp_path, "--adapters", str(tiny / "run"), "--path", "direct")
     s = summary["sets"]["hh"]
-    assert summary["path"] == "answer" and s["step_share"] == {"analysis": 0.0, "guidance": 0.0, "response": 1.0}
+    assert summary["path"] == "direct" and s["step_share"] == {"analysis": 0.0, "guidance": 0.0, "response": 1.0}
     assert list(s["paths"]) == ["response"] and s["paths"]["response"]["n"] == 3
     assert all(r["completion"].startswith("<|response|>") and "<|" not in r["response"] for r in records)
 
@@ -237,112 +237,69 @@ def test_experiment_table_reads_what_evaluate_writes(tmp_path, capsys):
     run.mkdir()
     (run / "metrics.jsonl").write_text(json.dumps({"iter": 3, "val_analysis": 2.5, "val_guidance": None,
                                                    "val_response": 1.25}) + "\n")
-    experiment.print_table([("-", "base alone", "-", str(tmp_path), None), ("demo", "MoTE", "auto", str(tmp_path), str(run))])
+    experiment.print_table([("-", "base alone", "-", str(tmp_path), None), ("seed 0", "MoTE", "auto", str(tmp_path), str(run))])
     lines = capsys.readouterr().out.strip().splitlines()
     base, mote, mix = lines[2], lines[3], lines[-1]
-    assert base.count("0.33 (2/6) [0.10, 0.70]") == 3 and base.count("0.67 (4/6) [0.30, 0.90]") == 2
+    assert base.count("0.33 (2/6) [0.10, 0.70]") == 2 and base.count("0.67 (4/6) [0.30, 0.90]") == 2
     assert "| 0.50 ± 0.27 |" in base  # (2/6 + 4/6) / 2, 1.96 * sqrt(2 * (1/3 * 2/3) / 6) / 2
     assert "| 2.50 / - / 1.25 |" in mote
-    assert mix == "| demo | MoTE | auto | " + " | ".join(["R 6"] * len(experiment.SETS)) + " |"
+    assert mix == "| seed 0 | MoTE | auto | " + " | ".join(["R 6"] * len(experiment.SETS)) + " |"
     assert experiment.path_mix({"paths": {"analysis+guidance+response": {"n": 5}, "response": {"n": 7}}}) == "R 7, A+G+R 5"
 
 
-def test_experiment_trains_with_demo_sh_recipe():
-    """The table's MoTE row is the model demo.sh trains: the same base, data and training flags."""
+def test_demo_sh_and_experiment_train_the_recipe_of_train_py():
+    """demo.sh's MoTE is the table's: both run train.py with its defaults (the recipe) on the same base."""
     import experiment
     demo = open(os.path.join(os.path.dirname(__file__), "..", "demo.sh")).read().replace("\\\n", " ")
-    train = next(line.split() for line in demo.splitlines() if line.startswith("python train.py"))
-    flags = dict(zip(train[2::2], train[3::2]))
-    assert flags["--base"] == experiment.BASE and flags["--data"] == experiment.DEMO
-    assert " ".join(experiment.RECIPE) in " ".join(train)
-    assert experiment.recipe(10)[experiment.RECIPE.index("--max-iters") + 1] == "10"
-    assert experiment.recipe(lr=1e-3)[experiment.RECIPE.index("--lr") + 1] == "0.001"
-    assert experiment.recipe(question_expert="random")[experiment.RECIPE.index("--question-expert") + 1] == "random"
-    assert experiment.recipe() == experiment.RECIPE and experiment.recipe() is not experiment.RECIPE
-    # and the path rule is the table's, --second-choice: chosen by calibrate.py, used by every sample.py
-    for script in ("python calibrate.py", "python sample.py"):
-        lines = [line for line in demo.splitlines() if line.startswith(script)]
-        assert lines and all("--second-choice" in line.split() for line in lines), script
+    train_line = next(line.split() for line in demo.splitlines() if line.startswith("python train.py"))
+    assert train_line == ["python", "train.py", "--base", experiment.BASE, "--overwrite"]
+    assert experiment.VARIANTS["mote"][1] == []
 
 
-def test_experiment_gives_each_variant_its_own_steps_threshold(tmp_path, monkeypatch):
-    """Each variant is evaluated again at a threshold of its own: calibrate.py's target threshold on the
-    development sets, read from the JSON it writes, or the T of --steps-threshold VARIANT=T (then
-    calibrate.py does not run for it); evaluate.py gets it as --steps-threshold."""
+def test_experiment_trains_each_variant_and_seed_and_evaluates_its_paths(tmp_path, monkeypatch):
+    """Every variant trains with train.py's defaults plus its flags and --seed; MoTE is evaluated on the
+    plain auto path (--argmax: no stored rule) and forced through every step, the others on auto."""
     import experiment
     commands = []
-
-    def run(cmd, done):
-        commands.append(cmd)
-        if cmd[1] == "calibrate.py":
-            assert cmd[cmd.index("--out") + 1] == done
-            json.dump({"target_threshold": 0.31}, open(done, "w"))
-
-    monkeypatch.setattr(experiment, "run", run)
-    monkeypatch.setattr(experiment, "print_table", lambda rows: None)
-    for variant in ("mote", "single", "no-skip"):
-        os.makedirs(tmp_path / f"demo-{variant}")
-    monkeypatch.setattr(sys, "argv", ["experiment.py", "--out", str(tmp_path), "--variants", "mote,single,no-skip",
-                                      "--steps-threshold", "mote=0.44"])
+    monkeypatch.setattr(experiment, "run", lambda cmd, done: commands.append(cmd))
+    monkeypatch.setattr(experiment, "print_table", lambda rows, sets: None)
+    monkeypatch.setattr(experiment, "print_against_single", lambda rows, sets: None)
+    monkeypatch.setattr(sys, "argv", ["experiment.py", "--out", str(tmp_path), "--variants", "mote,single64", "--seeds", "0,1"])
     experiment.main()
-    evals = {c[c.index("--out") + 1]: c for c in commands if c[1] == "evaluate.py" and "--adapters" in c}
-    assert sorted(os.path.relpath(d, tmp_path) for d in evals) == [
-        "demo-mote/eval-auto", "demo-mote/eval-auto-t0.44", "demo-no-skip/eval-auto", "demo-no-skip/eval-auto-t0.31",
-        "demo-single/eval-auto", "demo-single/eval-auto-t0.31"]
-    threshold = lambda d: evals[str(tmp_path / d)][evals[str(tmp_path / d)].index("--steps-threshold") + 1]
-    assert threshold("demo-mote/eval-auto-t0.44") == "0.44" and threshold("demo-single/eval-auto-t0.31") == "0.31"
-    assert all("--steps-threshold" not in c for d, c in evals.items() if "-t0" not in d)
-    calibrated = [c[c.index("--adapters") + 1] for c in commands if c[1] == "calibrate.py"]
-    assert calibrated == [str(tmp_path / "demo-single"), str(tmp_path / "demo-no-skip")]
-    for bad in ("0.44", "mote=2", "nope=0.5"):
-        monkeypatch.setattr(sys, "argv", ["experiment.py", "--out", str(tmp_path), "--steps-threshold", bad])
-        with pytest.raises(SystemExit):
-            experiment.main()
+    trains = [c[c.index("--out") + 1:] for c in commands if c[1] == "train.py"]
+    assert [os.path.relpath(t[0], tmp_path) for t in trains] == ["mote-s0", "single64-s0", "mote-s1", "single64-s1"]
+    assert trains[1][1:] == ["--overwrite", "--routing", "single", "--rank", "64", "--seed", "0"]
+    evals = {os.path.relpath(c[c.index("--out") + 1], tmp_path): c for c in commands if c[1] == "evaluate.py"}
+    assert sorted(evals) == ["base/eval-base", "mote-s0/eval-auto", "mote-s0/eval-full", "mote-s1/eval-auto",
+                             "mote-s1/eval-full", "single64-s0/eval-auto", "single64-s1/eval-auto"]
+    assert all("--argmax" in c for d, c in evals.items() if d != "base/eval-base")
 
 
-def test_experiment_question_expert_reaches_every_training_command(tmp_path, monkeypatch):
-    """The recipe's --question-expert analysis, or the one --question-expert gives, in every train.py command."""
-    import experiment
-    for given, expected in (([], "analysis"), (["--question-expert", "random"], "random")):
-        commands = []
-        monkeypatch.setattr(experiment, "run", lambda cmd, done: commands.append(cmd))
-        monkeypatch.setattr(experiment, "print_table", lambda rows: None)
-        monkeypatch.setattr(sys, "argv", ["experiment.py", "--out", str(tmp_path), "--variants", "mote,single",
-                                          "--steps-threshold", "mote=0.5", "--steps-threshold", "single=0.5", *given])
-        experiment.main()
-        trains = [c for c in commands if c[1] == "train.py"]
-        assert len(trains) == 2 and all(c.count("--question-expert") == 1 for c in trains)
-        assert all(c[c.index("--question-expert") + 1] == expected for c in trains)
-
-
-def test_experiment_second_choice_reaches_calibrate_and_evaluate(tmp_path, monkeypatch):
-    """With --second-choice, calibrate.py scores the second choice (its own JSON, the analysis's limit
-    the evaluation's) and the threshold rows are evaluated with it, labelled auto-tT-second."""
+def test_experiment_holdout_trains_without_the_sources_and_evaluates_their_questions(tmp_path, monkeypatch):
     import experiment
     commands = []
-
-    def run(cmd, done):
-        commands.append(cmd)
-        if cmd[1] == "calibrate.py":
-            json.dump({"target_threshold": 0.21}, open(done, "w"))
-
-    monkeypatch.setattr(experiment, "run", run)
-    monkeypatch.setattr(experiment, "print_table", lambda rows: None)
-    os.makedirs(tmp_path / "demo-mote")
-    monkeypatch.setattr(sys, "argv", ["experiment.py", "--out", str(tmp_path), "--variants", "mote", "--second-choice"])
+    monkeypatch.setattr(experiment, "run", lambda cmd, done: commands.append(cmd))
+    monkeypatch.setattr(experiment, "print_table", lambda rows, sets: None)
+    monkeypatch.setattr(sys, "argv", ["experiment.py", "--out", str(tmp_path), "--holdout", "w4,w5"])
     experiment.main()
-    calibrate, = [c for c in commands if c[1] == "calibrate.py"]
-    assert "--second-choice" in calibrate and calibrate[-1] == str(tmp_path / "demo-mote" / "calibrate-second.json")
-    assert calibrate[calibrate.index("--max-step-tokens") + 1] == str(experiment.MAX_STEP_TOKENS)
-    evals = {os.path.relpath(c[c.index("--out") + 1], tmp_path): c for c in commands if c[1] == "evaluate.py" and "--adapters" in c}
-    assert sorted(evals) == ["demo-mote/eval-auto", "demo-mote/eval-auto-t0.21-second"]
-    assert "--second-choice" in evals["demo-mote/eval-auto-t0.21-second"] and "--second-choice" not in evals["demo-mote/eval-auto"]
+    folder = tmp_path / "holdout-w4-w5"
+    kept = [json.loads(line) for line in open(folder / "chains.jsonl")]
+    held = [c for c in map(json.loads, open(os.path.join(os.path.dirname(__file__), "..", "data", "demo_chains.jsonl")))
+            if c["source"] in ("w4", "w5")]
+    harmful = open(folder / "heldout-harmful.txt").read().splitlines()
+    benign = open(folder / "heldout-benign.txt").read().splitlines()
+    assert len(held) == 200 and not {c["source"] for c in kept} & {"w4", "w5"}
+    assert len(harmful) + len(benign) == 200 and 90 <= len(harmful) <= 110
+    train_cmd, = [c for c in commands if c[1] == "train.py"]
+    assert train_cmd[train_cmd.index("--data") + 1] == str(folder / "chains.jsonl")
+    evals = [c for c in commands if c[1] == "evaluate.py"]
+    assert len(evals) == 2 and all(f"harmful:{folder / 'heldout-harmful.txt'}" in c[c.index("--sets") + 1] for c in evals)
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--lr", "0"], "argument --lr: must be a finite number > 0, got '0'"),
+    (["--seeds", "0,a"], "--seeds: comma-separated integers"),
     (["--iters", "-1"], "argument --iters: must be an integer >= 0, got '-1'"),
-    (["--variants", "mote,nope"], "--variants, --steps-threshold: choose variants from"),
+    (["--variants", "mote,nope"], "--variants: choose from"),
 ])
 def test_experiment_bad_arguments_end_in_one_line_and_create_nothing(tmp_path, monkeypatch, argv, message):
     import experiment

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import checkpoint
 import mote
 import sample
 import train
@@ -79,7 +80,7 @@ def chains_with_a_long_validation_chain(d, _):
     """The chains, the one that --val-frac 0.2 holds out made longer than --max-len 300."""
     chains = [json.loads(line) for line in open(d / "chains.jsonl")]
     _, (held_out,) = train.split(list(range(len(chains))), 0.2, 0)
-    chains[held_out]["answer"] += " more" * 80
+    chains[held_out]["response"] += " more" * 80
     (d / "long.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chains))
 
 
@@ -100,7 +101,7 @@ def nan_gradient_at_iteration(n):
 
 def checkpoint_of_iteration(n):
     def check(d):
-        meta_iter = train.read_checkpoint(str(d / "new" / "checkpoint.safetensors"))[1]
+        meta_iter = checkpoint.read_checkpoint(str(d / "new" / "checkpoint.safetensors"))[1]
         tensors = load_file(d / "new" / "checkpoint.safetensors")
         assert meta_iter == n and all(t.isfinite().all() for t in tensors.values() if t.is_floating_point())
         assert [json.loads(line)["iter"] for line in open(d / "new" / "metrics.jsonl")][-1] == n
@@ -130,7 +131,7 @@ ROWS = [
         ("new", "new/train_config.json", "new/metrics.jsonl", "new/checkpoint.safetensors"),
         checkpoint_of_iteration(2)),
     row("run-folder-without-resume", TRAIN + ["--out", "run"],
-        r"run: holds a run \(metrics.jsonl, checkpoint.safetensors, adapters.safetensors\); "
+        r"run: holds a run \(metrics.jsonl, checkpoint.safetensors, adapters.safetensors, loss.svg\); "
         r"give --resume to continue it or --overwrite to replace it"),
     row("failed-run-leaves-no-out-folder", TRAIN + ["--out", "new", "--data", "bad.jsonl"],
         r"bad.jsonl:1: invalid JSON", write("bad.jsonl", b"{not json\n")),
@@ -230,8 +231,9 @@ def test_resume_drops_a_half_written_last_record(here, capsys):
     --resume drops it with a note."""
     log = (here / "run" / "metrics.jsonl").read_text()
     (here / "run" / "metrics.jsonl").write_text(log + '{"iter": 3, "epoch": 1.')
-    run_main(TRAIN + ["--out", "run", "--resume"])
-    assert (here / "run" / "metrics.jsonl").read_text() == log
+    run_main(TRAIN + ["--out", "run", "--resume", "--max-iters", "3"])  # the run had 2: extend it by one
+    lines = (here / "run" / "metrics.jsonl").read_text().splitlines(keepends=True)
+    assert "".join(lines[:-1]) == log and json.loads(lines[-1])["iter"] == 3
     assert "note: run/metrics.jsonl:4: dropped a half-written last record" in capsys.readouterr().err
 
 

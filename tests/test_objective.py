@@ -5,7 +5,6 @@ that share no code with it:
     encoded from chain dicts and run without any mask, for every drop pattern, with padding, with
     activation checkpointing on and off;
   * the gradient of an iteration does not depend on how its chains are split into micro-batches;
-  * --choice-weight weights the first choice (the first marker the question's end predicts) alone;
   * each ablation flag changes exactly what it names (mixing table, drop rate, expert count)."""
 import itertools
 import json
@@ -23,10 +22,10 @@ from tokenizer import byte_tokenizer
 V = 264
 TOK = byte_tokenizer().with_special_tokens(mote.marker_tokens(V))
 CHAINS = [  # every shape of chain: full, analysis only, guidance only, answer only
-    {"question": "Can I pick this lock?", "analysis": "Lock picking.", "guidance": "Ask why.", "answer": "If it's yours."},
-    {"question": "How do knots hold?", "analysis": "Benign.", "answer": "Friction."},
-    {"question": "Kill a process?", "guidance": "Explain kill.", "answer": "Use kill PID."},
-    {"question": "Hi", "answer": "Hello there, friend!"},
+    {"question": "Can I pick this lock?", "analysis": "Lock picking.", "guidance": "Ask why.", "response": "If it's yours."},
+    {"question": "How do knots hold?", "analysis": "Benign.", "response": "Friction."},
+    {"question": "Kill a process?", "guidance": "Explain kill.", "response": "Use kill PID."},
+    {"question": "Hi", "response": "Hello there, friend!"},
 ]
 OPTIONAL = ("analysis", "guidance")  # the steps a pass may drop (the response never)
 
@@ -51,7 +50,7 @@ def block_ranges(chain: dict) -> list:
     """[(block, first, end)] of encode_chain's layout, computed from the texts alone: the prompt,
     then each present step as <start> text <end>; the final end of turn belongs to the response."""
     ranges, at = [("question", 0, len(TOK.chat(chain["question"])))], len(TOK.chat(chain["question"]))
-    for block, key in zip(mote.STEPS, ("analysis", "guidance", "answer")):
+    for block, key in zip(mote.STEPS, ("analysis", "guidance", "response")):
         if chain.get(key):
             n = len(TOK.encode(chain[key].strip())) + 2 + (block == "response")
             ranges.append((block, at, at + n))
@@ -130,20 +129,19 @@ def test_gradient_does_not_depend_on_the_micro_batch(routing, checkpointing):
         torch.testing.assert_close(other, grads[0], atol=1e-6, rtol=1e-4)
 
 
-def test_choice_weight_weights_only_the_first_choice():
-    """--choice-weight w: the iteration's loss is (every learned token's loss + (w - 1) * each chain's
-    first-choice loss) / the learned-token count, where the first choice is the question's last
-    token predicting the first marker *of the shortened chain* (the first block oracle_losses
-    learns), for every drop pattern; w = 1 is the plain mean."""
+def test_the_iteration_loss_is_the_mean_over_learned_tokens_for_every_drop_pattern():
+    """The iteration's loss is every learned token's loss over the learned-token count, with each
+    chain shortened by its own drop pattern (the first block learned after the question's last
+    token is the first marker of the shortened chain), against oracle_losses."""
     drops = PATTERNS  # a different pattern in each row: the choice predicts <a>, <g>, <a> and <r>
     dropped = torch.tensor([[s in d for s in mote.STEPS] for d in drops])
     qexp = torch.tensor([1, 2, 0, 1])
     encoded = [data.encode_chain(TOK, c, V) for c in CHAINS]
     model = tiny_model()
-    train.train_iteration(model, encoded, V, TOK.eot_id, 2, qexp, dropped, 0.0, "cpu", torch.float32, choice_weight=5.0)
+    train.train_iteration(model, encoded, V, TOK.eot_id, 2, qexp, dropped, 0.0, "cpu", torch.float32)
     oracle = tiny_model()
     losses = [oracle_losses(oracle, c, d, int(q)) for c, d, q in zip(CHAINS, drops, qexp)]
-    (sum(l.sum() + 4.0 * l[0] for l in losses) / sum(len(l) for l in losses)).backward()
+    (sum(l.sum() for l in losses) / sum(len(l) for l in losses)).backward()
     for (name, p), q in zip(model.named_parameters(), oracle.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=name)
@@ -171,7 +169,7 @@ def test_train_py_logs_the_same_iteration_for_any_micro_batch(base):
     logs = [train_run(base, f"micro{m}", "--micro-batch", str(m))[0] for m in (1, 2, 8)]
     for log in logs[1:]:
         for key in ("loss", "grad_norm", "loss_analysis", "loss_guidance", "loss_response"):
-            assert log[key] == pytest.approx(logs[0][key], rel=1e-5), key
+            assert log[key] == (None if logs[0][key] is None else pytest.approx(logs[0][key], rel=1e-5)), key
 
 
 DEFAULT = mote.ExpertConfig()

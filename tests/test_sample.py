@@ -48,7 +48,7 @@ def run_path(path):
 
 @pytest.mark.parametrize("path,markers", [
     ("auto", [G, G_, R, R_]),  # the model's own choice: it skips the analysis
-    ("answer", [R, R_]),
+    ("direct", [R, R_]),
     ("analysis", [A, A_, R, R_]),
     ("full", [A, A_, G, G_, R, R_]),
 ])
@@ -66,7 +66,7 @@ def test_an_end_of_turn_cannot_cut_a_chain_short():
             logits = super().forward(*a, **kw)
             logits[..., STOP] = 50.0
             return logits
-    out = generate(EagerToStop(), [[1, 2, 3]], [STOP], max_new_tokens=40, experts=True, path="answer",
+    out = generate(EagerToStop(), [[1, 2, 3]], [STOP], max_new_tokens=40, experts=True, path="direct",
                    max_step_tokens=2)[0]
     assert out == [R, TEXT, TEXT, R_]  # the step grammar keeps it inside the chain until <|/response|>
     plain = generate(EagerToStop(), [[1, 2, 3]], [STOP], max_new_tokens=40, experts=False)[0]

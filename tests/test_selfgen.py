@@ -49,12 +49,12 @@ class Scripted:
             raise RuntimeError("interrupted")
         staged = [stage_of(p) for p in prompts]
         self.calls.append([name for name, _ in staged])
-        answers = {"answer": 0, "answer_with_analysis": 1, "answer_with_guidance": 2}
+        answers = {"response": 0, "response_with_analysis": 1, "response_with_guidance": 2}
         return [f"A{answers[name]}({f['question']})" if name in answers else f"  {name} of {f['question']}\n"
                 for name, f in staged]
 
     def check(self, prompts):
-        return self([p for p in prompts]) and [SCRIPT[f["question"]][int(f["answer"][1])]
+        return self([p for p in prompts]) and [SCRIPT[f["question"]][int(f["response"][1])]
                                                for _, f in map(stage_of, prompts)]
 
 
@@ -72,19 +72,19 @@ def test_p_safe_and_verdict_tokens():
 def test_every_path_of_the_safety_check():
     gen = Scripted()
     chains = {c["question"]: c for c in align_cot(list(SCRIPT), gen, gen.check)}
-    assert chains["safe at once?"] == {"question": "safe at once?", "answer": "A0(safe at once?)",
-                                       "check": "safe", "path": "answer"}
+    assert chains["safe at once?"] == {"question": "safe at once?", "response": "A0(safe at once?)",
+                                       "check": "safe", "path": "response"}
     c = chains["safe after analysis?"]
     assert c == {"question": "safe after analysis?", "analysis": "analysis of safe after analysis?",
-                 "answer": "A1(safe after analysis?)", "check": "unsafe,safe", "path": "analysis"}
+                 "response": "A1(safe after analysis?)", "check": "unsafe,safe", "path": "analysis"}
     c = chains["needs guidance?"]
     assert (c["analysis"], c["guidance"]) == ("analysis of needs guidance?", "guidance of needs guidance?")
-    assert (c["answer"], c["check"], c["path"]) == ("A2(needs guidance?)", "unsafe,unsafe,safe", "guidance")
+    assert (c["response"], c["check"], c["path"]) == ("A2(needs guidance?)", "unsafe,unsafe,safe", "guidance")
     c = chains["unsafe to the end?"]  # recorded as such: run() drops it
-    assert (c["answer"], c["check"], c["path"]) == ("A2(unsafe to the end?)", "unsafe,unsafe,unsafe", "guidance")
+    assert (c["response"], c["check"], c["path"]) == ("A2(unsafe to the end?)", "unsafe,unsafe,unsafe", "guidance")
     # one batched call per stage, each with exactly the chains that reach it
-    assert gen.calls == [["answer"] * 4, ["check"] * 4, ["analysis"] * 3, ["answer_with_analysis"] * 3,
-                         ["check"] * 3, ["guidance"] * 2, ["answer_with_guidance"] * 2, ["check"] * 2]
+    assert gen.calls == [["response"] * 4, ["check"] * 4, ["analysis"] * 3, ["response_with_analysis"] * 3,
+                         ["check"] * 3, ["guidance"] * 2, ["response_with_guidance"] * 2, ["check"] * 2]
 
 
 def test_later_stages_see_the_earlier_ones():
@@ -96,8 +96,8 @@ def test_later_stages_see_the_earlier_ones():
 
     align_cot(["Q?"], gen, lambda prompts: seen.extend(prompts) or [0.0] * len(prompts))
     final = stage_of(seen[-2])
-    assert final == ("answer_with_guidance", {"question": "Q?", "analysis": "<analysis>", "guidance": "<guidance>"})
-    assert stage_of(seen[-1]) == ("check", {"question": "Q?", "answer": "<answer_with_guidance>"})
+    assert final == ("response_with_guidance", {"question": "Q?", "analysis": "<analysis>", "guidance": "<guidance>"})
+    assert stage_of(seen[-1]) == ("check", {"question": "Q?", "response": "<response_with_guidance>"})
 
 
 def test_records_pass_read_chains_and_summary_counts(tmp_path):
@@ -106,16 +106,16 @@ def test_records_pass_read_chains_and_summary_counts(tmp_path):
     summary = run(list(SCRIPT), gen, gen.check, out, batch_size=3, progress=False)
     chains = read_chains(out)
     assert [c["question"] for c in chains] == list(SCRIPT)[:3]  # the one judged unsafe to the end is dropped
-    assert summary == {"chains": 3, "with_answer": 1.0, "with_analysis": 2 / 3, "with_guidance": 1 / 3,
-                       "paths": {"answer": 1, "analysis": 1, "guidance": 1}, "checks": 6,
-                       "dropped_empty_answer": 0, "dropped_unsafe_answer": 1}
-    assert summarize(chains) == summary | {"dropped_unsafe_answer": 0}
+    assert summary == {"chains": 3, "with_response": 1.0, "with_analysis": 2 / 3, "with_guidance": 1 / 3,
+                       "paths": {"response": 1, "analysis": 1, "guidance": 1}, "checks": 6,
+                       "dropped_empty_response": 0, "dropped_unsafe_response": 1}
+    assert summarize(chains) == summary | {"dropped_unsafe_response": 0}
 
 
 def test_empty_final_answer_is_dropped(tmp_path):
     out = str(tmp_path / "chains.jsonl")
     summary = run(["Q?"], lambda ps: ["" for _ in ps], lambda ps: [1.0] * len(ps), out, progress=False)
-    assert summary["chains"] == 0 and summary["dropped_empty_answer"] == 1 and open(out).read() == ""
+    assert summary["chains"] == 0 and summary["dropped_empty_response"] == 1 and open(out).read() == ""
 
 
 def test_resume_after_an_interruption(tmp_path):
@@ -160,11 +160,11 @@ def test_end_to_end_on_a_tiny_model(tiny_base, tmp_path):
     out = tmp_path / "chains.jsonl"
     args = ["--base", str(tiny_base / "tiny.safetensors"), "--questions", str(tmp_path / "q.txt"), "--out", str(out),
             "--max-new-tokens", "8", "--batch-size", "3"]
-    first = subprocess.run([sys.executable, "data.py", "generate", *args], cwd=ROOT, capture_output=True, text=True)
+    first = subprocess.run([sys.executable, "selfgen.py", *args], cwd=ROOT, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     assert "questions: 4, held out for evaluation: 1" in first.stdout and "chains:" in first.stdout
     records = [json.loads(line) for line in open(out)]
-    m = re.search(r"dropped this run: (\d+) judged unsafe after the guidance, (\d+) with an empty answer", first.stdout)
+    m = re.search(r"dropped this run: (\d+) judged unsafe after the guidance, (\d+) with an empty response", first.stdout)
     dropped = int(m.group(1)) + int(m.group(2))
     assert len(records) + dropped == 3 and held not in {r["question"] for r in records}
     if records:
@@ -172,4 +172,4 @@ def test_end_to_end_on_a_tiny_model(tiny_base, tmp_path):
         assert all(len(r["check"].split(",")) == selfgen.PATHS.index(r["path"]) + 1 for r in records)
     again = selfgen.main(args)  # a rerun generates only what is missing (here: the dropped, if any)
     assert [json.loads(line) for line in open(out)][: len(records)] == records
-    assert again["chains"] + again["dropped_empty_answer"] + again["dropped_unsafe_answer"] == 3
+    assert again["chains"] + again["dropped_empty_response"] + again["dropped_unsafe_response"] == 3

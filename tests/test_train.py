@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 
+import checkpoint
 import mote
 import train
 from data import read_chains
@@ -22,9 +23,8 @@ def setup(tmp_path_factory):
     torch.manual_seed(0)
     Transformer(ModelArgs.preset("tiny")).save(str(d / "tiny.safetensors"), metadata={"tokenizer": "byte"})
     chains = sorted(read_chains(DEMO), key=lambda c: sum(len(v) for v in c.values()))
-    chains = [c for shape in ({"question", "answer", "check"}, {"question", "analysis", "answer", "check"},
-                              {"question", "analysis", "guidance", "answer", "check"})
-              for c in [c for c in chains if set(c) == shape][:14]]
+    chains = [c for steps in ({"response"}, {"analysis", "response"}, {"analysis", "guidance", "response"})
+              for c in [c for c in chains if set(c) & set(mote.STEPS) == steps][:14]]
     with open(d / "chains.jsonl", "w") as f:
         f.writelines(json.dumps(c) + "\n" for c in chains)
     return d
@@ -45,6 +45,10 @@ def test_validation_loss_falls(setup):
     for kind in ("analysis", "guidance", "response"):
         assert after[f"val_{kind}"] < before[f"val_{kind}"]
     assert os.path.exists(setup / "falls" / "adapters.safetensors")
+    import xml.etree.ElementTree as ET
+    svg = ET.parse(setup / "falls" / "loss.svg").getroot()  # the curve, as train.py last drew it
+    lines = [e for e in svg.iter() if e.tag.endswith("polyline")]
+    assert len(lines) == 5 and len(lines[0].get("points").split()) == 20  # training loss: one point an iteration
 
 
 def test_resume_continues_the_same_run(setup, monkeypatch):
@@ -71,15 +75,45 @@ def test_resume_continues_the_same_run(setup, monkeypatch):
         run(setup, "resumed", "--max-iters", "6", "--save-every", "3", "--resume", "--lr", "1e-2", "--routing", "token")
 
 
-def test_a_checkpoint_older_than_a_flag_resumes_with_its_default():
-    """A run saved before --choice-weight and --question-expert existed trained with weight 1 and
-    random question experts: it resumes with those defaults and refuses any other value."""
+def test_resume_needs_only_out_and_may_extend_max_iters(setup):
+    """--resume --out DIR takes every flag from the run's config (the tiny base, its data, its lr);
+    a larger --max-iters extends the run; resuming a finished run without one is one line."""
+    run(setup, "extend", "--max-iters", "4", "--save-every", "2")
+    with pytest.raises(SystemExit, match=r"holds 4 iterations, the whole run; give --max-iters above 4"):
+        train.main(["--resume", "--out", str(setup / "extend")])
+    train.main(["--resume", "--out", str(setup / "extend"), "--max-iters", "6"])
+    log = [json.loads(line) for line in open(setup / "extend" / "metrics.jsonl")]
+    assert [r["iter"] for r in log] == list(range(7)) and log[-1]["lr"] < 3e-3
+    config = json.load(open(setup / "extend" / "train_config.json"))
+    assert config["lr"] == 3e-3 and config["max_iters"] == 6 and config["base_abspath"] == str(setup / "tiny.safetensors")
+
+
+def test_the_run_folder_defaults_to_runs_and_the_base_name(setup, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    args = train.parse_args(["--base", str(setup / "tiny.safetensors")])
+    assert args.out == os.path.join("runs", "tiny") and args.lr == 2e-3 and args.question_expert == "analysis"
+    with pytest.raises(SystemExit, match="give --base"):
+        train.parse_args([])
+
+
+def test_train_py_with_only_a_base_starts_the_recipe(setup, monkeypatch, tmp_path, capsys):
+    """The design card's command: the recipe's data and flags by default, into runs/<base name>
+    (stopped here after one iteration)."""
+    monkeypatch.chdir(tmp_path)
+    train.main(["--base", str(setup / "tiny.safetensors"), "--max-iters", "1", "--micro-batch", "8"])
+    out = capsys.readouterr().out
+    assert "data: 1448 chains" in out and "training 1 iterations of 8 chains into runs/tiny" in out
+    config = json.load(open(tmp_path / "runs" / "tiny" / "train_config.json"))
+    assert config["data"] == train.RECIPE_DATA and config["lr"] == 2e-3 and config["epochs"] == train.RECIPE_EPOCHS
+    assert os.path.exists(tmp_path / "runs" / "tiny" / "adapters.safetensors")
+
+
+def test_a_checkpoint_older_than_a_flag_is_one_clear_line():
+    """A run saved before a flag existed trained without it: no silent default, one line naming it."""
     saved = {"lr": 1e-3, "routing": "step"}
-    train.check_resume(saved, saved | {"choice_weight": 1.0, "question_expert": "random"}, "ckpt")
-    with pytest.raises(ValueError, match=r"--question-expert 'random' -> 'analysis' \(resume"):
-        train.check_resume(saved, saved | {"choice_weight": 1.0, "question_expert": "analysis"}, "ckpt")
-    with pytest.raises(ValueError, match=r"--choice-weight 1.0 -> 10.0 \(resume"):
-        train.check_resume(saved, saved | {"choice_weight": 10.0}, "ckpt")
+    checkpoint.check_resume(saved, dict(saved), "ckpt")
+    with pytest.raises(ValueError, match=r"^ckpt: written before --question-expert existed, so it cannot be resumed"):
+        checkpoint.check_resume(saved, saved | {"question_expert": "analysis"}, "ckpt")
 
 
 def test_max_len_beyond_the_context_is_a_clear_error(setup):

@@ -1,0 +1,47 @@
+"""swap.py, the teacher-forcing experiment: generate continues a chain from a prompt that holds
+steps already, so forcing the model's own analysis gives back the response it writes itself (the
+oracle), and forcing another analysis changes what the response step reads."""
+import torch
+
+import mote
+import swap
+from sample import generate, split_steps
+from test_sample import tiny_with_experts
+from tokenizer import byte_tokenizer
+
+V = 256 + 8  # the byte tokenizer's vocabulary (tiny preset)
+
+
+def setup():
+    model, tok = tiny_with_experts(), byte_tokenizer()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".new"):  # the marker rows: close steps now and then
+                p.normal_(0, 0.5)
+    return model, tok
+
+
+def test_forcing_the_own_analysis_gives_back_the_own_response():
+    model, tok = setup()
+    V = model.args.vocab_size
+    questions = [f"question {i}?" for i in range(6)]
+    whole = generate(model, [tok.chat(q) for q in questions], tok.stop_ids, max_new_tokens=24, experts=True,
+                     path="analysis", max_step_tokens=8)
+    analyses = [split_steps(ids, V, tok.stop_ids)["analysis"] for ids in whole]
+    forced = generate(model, swap.forced_prompts(tok, questions, analyses, V), tok.stop_ids, max_new_tokens=24,
+                      experts=True, max_step_tokens=8)
+    for ids, cont in zip(whole, forced):
+        response = split_steps(ids, V, tok.stop_ids)["response"]
+        assert [t for t in cont if t < V] == response and cont[-1] == mote.end_marker(V, 2)
+
+
+def test_another_analysis_reaches_the_response():
+    """The forced analysis is in the response's context: swapping it changes some response."""
+    model, tok = setup()
+    V = model.args.vocab_size
+    questions = [f"question {i}?" for i in range(6)]
+    analyses = swap.own_analyses(model, tok, questions, max_step_tokens=8, batch_size=4)
+    own = swap.responses(model, tok, swap.forced_prompts(tok, questions, analyses, V), 8, 4)
+    other = swap.responses(model, tok, swap.forced_prompts(tok, questions, analyses[::-1], V), 8, 4)
+    empty = swap.responses(model, tok, swap.forced_prompts(tok, questions, [[]] * 6, V), 8, 4)
+    assert own != other and own != empty
