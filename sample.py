@@ -22,6 +22,7 @@ import torch
 
 import cli
 import mote
+import svg
 import tokenizer
 from model import CheckpointError, KVCache, Transformer, causal_mask, resolve_dtype
 
@@ -220,28 +221,43 @@ def steps_probability(logits, base_vocab: int):
     return torch.softmax(logits[..., starts].float(), -1)[..., :-1].sum(-1)
 
 
+def rule_score(logits, chain: ChainState, base_vocab: int, second_choice: bool = False):
+    """The path rule's score for one row (logits (V + 6,)), or None where the rule makes no choice:
+    at the question's end P(steps) (steps_probability), and with second_choice, once the analysis
+    has ended, P(steps) x P(<|guidance|> | the analysis), the guidance and the response scored
+    against each other (chain.p_steps: the first score, kept by take_steps)."""
+    if chain.step == mote.QUESTION:
+        return float(steps_probability(logits, base_vocab))
+    if second_choice and chain.step == 0 and not chain.inside:  # the analysis has just ended
+        guidance, response = (mote.start_marker(base_vocab, s) for s in (1, 2))
+        return chain.p_steps * float(torch.softmax(logits[[guidance, response]].float(), -1)[0])
+    return None
+
+
 def take_steps(logits, chains, base_vocab: int, threshold: float, second_choice: bool = False):
     """The auto path's choices by a threshold instead of the argmax (ours; --steps-threshold). The
     model's path decision is a classifier; this sets its operating point, chosen on the development
     sets (calibrate.py). logits (B, V + 6), constrained; changed in place for the rows at a choice.
 
-    First choice, at the question's end: a row takes the steps iff steps_probability >= threshold,
+    First choice, at the question's end: a row takes the steps iff rule_score (P(steps)) >= threshold,
     and answers directly (<|response|>) otherwise.
     Second choice (second_choice, --second-choice): the steps then start with the analysis, and at
-    its end the row takes the guidance iff P(steps) x P(<|guidance|> | the analysis) >= threshold,
-    the guidance and the response scored against each other; otherwise it answers (analysis, then
-    response). So the analysis informs the decision (README, the outcome, step 14), and with the
-    product one threshold serves both choices: a question that fails the first fails the second."""
+    its end the row takes the guidance iff rule_score, P(steps) x P(<|guidance|> | the analysis), >=
+    threshold; otherwise it answers (analysis, then response). So the analysis informs the decision,
+    and with the product one threshold serves both choices: a question that fails the first fails
+    the second."""
     starts = [mote.start_marker(base_vocab, s) for s in range(len(mote.STEPS))]
     guidance, response = starts[1:]
     for i, chain in enumerate(chains):
+        score = rule_score(logits[i], chain, base_vocab, second_choice)
+        if score is None:
+            continue
         if chain.step == mote.QUESTION:
-            chain.p_steps = float(steps_probability(logits[i], base_vocab))
+            chain.p_steps = score
             into = (starts[1:] if second_choice else starts[-1:])  # forbidden when the row takes the steps
-            logits[i, into if chain.p_steps >= threshold else starts[:-1]] = float("-inf")
-        elif second_choice and chain.step == 0 and not chain.inside:  # the analysis has just ended
-            p_guidance = float(torch.softmax(logits[i, [guidance, response]].float(), -1)[0])
-            logits[i, response if chain.p_steps * p_guidance >= threshold else guidance] = float("-inf")
+            logits[i, into if score >= threshold else starts[:-1]] = float("-inf")
+        else:
+            logits[i, response if score >= threshold else guidance] = float("-inf")
     return logits
 
 
@@ -253,13 +269,14 @@ def split_steps(tokens: list, base_vocab: int, stop_ids=()) -> dict:
 
 
 class Streamer:
-    """Prints row 0 as it is generated, with a label (and on a TTY a colour) for each step's expert.
+    """Prints row 0 as it is generated, with a label for each step's expert, and its text in the
+    expert's colour when standard output is a terminal (not when piped, nor when NO_COLOR is set).
     Decodes incrementally: a token's bytes go through a UTF-8 decoder that holds back a partly
     generated character, so each token costs the same however long the answer is."""
 
     def __init__(self, tok, base_vocab, experts):
         self.tok, self.V, self.experts = tok, base_vocab, experts
-        self.step, self.tty = "start", sys.stdout.isatty()
+        self.step, self.tty = "start", sys.stdout.isatty() and not os.environ.get("NO_COLOR")  # no-color.org
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def __call__(self, row, token, step):
@@ -272,6 +289,61 @@ class Streamer:
         if token < self.V and token not in self.tok.stop_ids:
             new = self.utf8.decode(self.tok.decode_bytes([token]))
             print(COLOURS[step] + new + "\033[0m" if self.tty and self.experts else new, end="", flush=True)
+
+
+@torch.no_grad()
+def route_trace(model, tok, prompt: list, ids: list, path: str = "auto", steps_threshold=None,
+                second_choice: bool = False, max_step_tokens: int = 0) -> dict:
+    """What the route picture of one chain shows (--trace, svg.route_picture), from one teacher-forced
+    pass over prompt + ids with the route generate used (the same logits the sampler saw, to float
+    rounding):
+
+    tokens:  every token, its step (mote.token_steps), the expert that read it (mote.route; the
+             question: INFERENCE_QUESTION_EXPERT) and that expert's mixing weight; for a token-gated
+             bank, the expert with the highest gate probability (the mean over the banks) and that probability.
+    choices: {index in tokens: ...} where the sampler chose a way (the grammar allowed more than one
+             marker and no text): the probability of each allowed marker, the path rule's score and
+             threshold if a rule was used (rule_score), and the marker taken.
+    legend:  (expert, colour, label) of each expert drawn; gated: whether the weights are a gate's."""
+    V, cfg = model.args.vocab_size, model.expert_config
+    seq = torch.tensor([prompt + ids], device=next(model.parameters()).device)
+    steps = mote.token_steps(seq, V)
+    route = mote.route(steps, torch.full((1,), mote.INFERENCE_QUESTION_EXPERT, device=seq.device))
+    logits = model(seq, route=route)[0].float()  # (T, V + 6): position t scores token t + 1
+    bank = mote.banks(model)[0]
+    if cfg.routing == "token":
+        gate = torch.stack([b.gate_probs[0].float() for b in mote.banks(model)]).mean(0)  # (T, E)
+        weight, expert = gate.max(-1)
+        legend = [(e, svg.EXPERT_COLOURS[e], f"expert {e} (token-gated; opacity: its gate probability)")
+                  for e in range(cfg.n_experts)]
+    elif cfg.routing == "single":
+        expert, weight = torch.zeros_like(route[0]), torch.ones(seq.shape[1])
+        legend = [(0, svg.SINGLE_COLOUR, "the single LoRA (every token, weight 1)")]
+    else:
+        expert, weight = route[0], bank.mix[route[0], route[0]]
+        shared = f" + shared expert x {1 - cfg.alpha:g}" if cfg.shared else ""
+        legend = [(e, svg.EXPERT_COLOURS[e], f"{name} expert x {float(bank.mix[e, e]):g}{shared}")
+                  for e, name in enumerate(mote.STEPS)]
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character split over tokens: on its last
+    tokens = [dict(id=t, text=utf8.decode(tok.decode_bytes([t])), step=s, expert=e, weight=w, marker=t >= V)
+              for t, s, e, w in zip(seq[0].tolist(), steps[0].tolist(), expert.tolist(), weight.tolist())]
+    chain, choices = ChainState(), {}
+    for t in prompt:
+        chain.advance(t, V)
+    for k, t in enumerate(ids):
+        markers, text_ok = step_grammar(chain, path, V, max_step_tokens)
+        if len(markers) > 1 and not text_ok:
+            row = logits[len(prompt) + k - 1]
+            score = rule_score(row, chain, V, second_choice) if steps_threshold is not None else None
+            if chain.step == mote.QUESTION and score is not None:
+                chain.p_steps = score
+            what = "P(steps)" if chain.step == mote.QUESTION else "P(steps) x P(guidance | analysis)"
+            rule = None if score is None else f"{what} = {score:.3f} {'>=' if score >= steps_threshold else '<'} {steps_threshold:g}"
+            choices[len(prompt) + k] = dict(
+                probs=[(tok.decode([m]), float(p)) for m, p in zip(markers, torch.softmax(row[markers], -1))],
+                score=score, threshold=None if score is None else steps_threshold, rule=rule, taken=tok.decode([t]))
+        chain.advance(t, V)
+    return dict(tokens=tokens, choices=choices, legend=legend, gated=cfg.routing == "token")
 
 
 RUNS = "runs"  # train.py's run folders, under the working directory
@@ -396,12 +468,20 @@ def main(argv=None):
                    help="with one --prompt, keep the experts routed instead of folding the active ones into W0 at each step")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="the model's dtype; auto: bf16 on CUDA and on a CPU with native bf16, else fp32 (model.choose_dtype)")
+    p.add_argument("--trace", metavar="FILE.svg", help="with --prompt: draw the chain's route through the experts "
+                   "and each choice of way with its probabilities (route_trace, svg.route_picture)")
     args = p.parse_args(argv)
     if not (args.prompt or args.prompts):
         p.error("give --prompt or --prompts")
+    if args.trace and not args.prompt:
+        p.error("--trace draws one chain: give --prompt, not --prompts")
+    if args.trace and not os.path.isdir(os.path.dirname(os.path.abspath(args.trace))):
+        p.error(f"--trace {args.trace}: the folder {os.path.dirname(args.trace)}/ does not exist")
     if args.adapters is None and args.base is None:
         args.adapters = latest_run()
         print(f"adapters: {args.adapters} (the most recent finished run; --adapters or --base to choose)", file=sys.stderr)
+    if args.trace and args.adapters is None:
+        p.error(f"--trace {args.trace}: a base alone has no experts and no step markers to draw; give --adapters")
     rule = resolve_rule(p, args)
     questions = read_prompts(args.prompts) if args.prompts and not args.prompt else None  # fail fast on a bad file
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -425,6 +505,12 @@ def main(argv=None):
         if experts:
             answer = tok.decode(split_steps(ids, V, tok.stop_ids)["response"]).strip()
             print(f"\n--- final answer ---\n{answer}")
+        if args.trace:
+            trace = route_trace(model, tok, encode(args.prompt), ids, args.path, rule["steps_threshold"],
+                                rule["second_choice"], args.max_step_tokens)
+            with open(args.trace, "w", encoding="utf-8") as f:
+                f.write(svg.route_picture(trace, f"{args.prompt}  ({args.adapters}, --path {args.path})"))
+            print(f"wrote the route picture to {args.trace}", file=sys.stderr)
         print(f"\n({len(ids)} tokens in {seconds:.1f} s, {len(ids) / seconds:.1f} tokens/s)", file=sys.stderr)
         return
 

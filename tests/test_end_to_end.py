@@ -22,19 +22,25 @@ VARIANTS = {"mote": [], "token": ["--routing", "token"], "single": ["--routing",
 BF16 = ["--dtype", "bfloat16"]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A random tiny base and one bf16 training run per variant (2 iterations; MoTE with --checkpointing)."""
-    d = tmp_path_factory.mktemp("e2e")
+def tiny_runs(d, variants: dict, flags: list):
+    """A random tiny base (byte tokenizer) in d, and one 2-iteration training run per variant on the
+    12 shortest demo chains, into d / variant: variants maps a name to its train.py flags."""
     torch.manual_seed(0)
     Transformer(ModelArgs.preset("tiny")).save(str(d / "tiny.safetensors"), metadata={"tokenizer": "byte"})
     chains = sorted(read_chains("data/demo_chains.jsonl"), key=lambda c: len(json.dumps(c)))[:12]
     (d / "chains.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chains))
-    for name, flags in VARIANTS.items():
+    for name, extra in variants.items():
         train.main(["--base", str(d / "tiny.safetensors"), "--data", str(d / "chains.jsonl"), "--out", str(d / name),
                     "--batch-size", "4", "--micro-batch", "2", "--max-iters", "2", "--lr", "1e-2", "--val-frac", "0.2",
-                    *BF16, *flags, *(["--checkpointing"] if name == "mote" else [])])
+                    *flags, *extra])
     return d
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One bf16 training run per variant (MoTE with --checkpointing)."""
+    variants = {name: flags + (["--checkpointing"] if name == "mote" else []) for name, flags in VARIANTS.items()}
+    return tiny_runs(tmp_path_factory.mktemp("e2e"), variants, BF16)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
