@@ -335,13 +335,15 @@ def route_trace(model, tok, prompt: list, ids: list, path: str = "auto", steps_t
         if len(markers) > 1 and not text_ok:
             row = logits[len(prompt) + k - 1]
             score = rule_score(row, chain, V, second_choice) if steps_threshold is not None else None
-            if chain.step == mote.QUESTION and score is not None:
-                chain.p_steps = score
-            what = "P(steps)" if chain.step == mote.QUESTION else "P(steps) x P(guidance | analysis)"
-            rule = None if score is None else f"{what} = {score:.3f} {'>=' if score >= steps_threshold else '<'} {steps_threshold:g}"
+            rule = None
+            if score is not None:
+                if chain.step == mote.QUESTION:
+                    chain.p_steps = score  # as take_steps keeps it, for the second choice
+                what = "P(steps)" if chain.step == mote.QUESTION else "P(steps) x P(guidance | analysis)"
+                rule = f"{what} = {score:.3f} {'>=' if score >= steps_threshold else '<'} {steps_threshold:g}"
             choices[len(prompt) + k] = dict(
                 probs=[(tok.decode([m]), float(p)) for m, p in zip(markers, torch.softmax(row[markers], -1))],
-                score=score, threshold=None if score is None else steps_threshold, rule=rule, taken=tok.decode([t]))
+                score=score, threshold=steps_threshold if rule else None, rule=rule, taken=tok.decode([t]))
         chain.advance(t, V)
     return dict(tokens=tokens, choices=choices, legend=legend, gated=cfg.routing == "token")
 

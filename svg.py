@@ -11,8 +11,16 @@ that the tests read back what was drawn.
 """
 import argparse
 import json
+import os
 import sys
 from xml.sax.saxutils import escape, quoteattr
+
+import torch
+
+import mote
+import tokenizer
+from data import read_chains
+from model import checkpoint_args
 
 W, H, PAD = 640, 360, 48  # the picture, and the margin around the plot
 SERIES = (("loss", "training", "#9aa5b1"), ("val_loss", "validation", "#d1495b"),
@@ -105,7 +113,8 @@ def route_picture(trace: dict, title: str = "") -> str:
         if (x + width > WIDTH - MARGIN or opens) and x > MARGIN:
             x, y = MARGIN, y + LINE
         opacity = f' fill-opacity="{t["weight"]:.2f}"' if gated else ""
-        box, bold = (' stroke="#212529" stroke-width="1.5"', ' font-weight="bold"') if t["marker"] else (' stroke="white"', "")
+        box, bold = ((' stroke="#212529" stroke-width="1.5"', ' font-weight="bold"') if t["marker"]
+                     else (' stroke="white"', ""))  # a marker boxed; white lines between tokens
         out.append(f'<g class="token" data-id="{t["id"]}" data-step="{t["step"]}" data-expert="{t["expert"]}" '
                    f'data-weight="{t["weight"]:.4f}"><rect x="{x:.1f}" y="{y - FONT}" width="{width:.1f}" '
                    f'height="{FONT + 5}" fill="{colour[t["expert"]]}"{opacity}{box}/>'
@@ -132,7 +141,8 @@ def mask_picture(ids: list, labels: list, steps: list, mask, positions: list, ti
         out.append(f'<text x="{x0 - 4}" y="{y0 + i * cell + FONT}" text-anchor="end" class="row" '
                    f'data-id="{ids[i]}" data-step="{steps[i]}">{escape(name[i][:13])}</text>')
         cx = x0 + i * cell + FONT * 0.8
-        out.append(f'<text x="{cx:.1f}" y="{y0 - 4}" transform="rotate(-90 {cx:.1f} {y0 - 4})" class="col">{escape(name[i][:13])}</text>')
+        out.append(f'<text x="{cx:.1f}" y="{y0 - 4}" transform="rotate(-90 {cx:.1f} {y0 - 4})" '
+                   f'class="col">{escape(name[i][:13])}</text>')
         out.append(f'<text x="{x0 + i * cell + cell / 2:.1f}" y="{y0 + T * cell + FONT + 4}" text-anchor="middle" '
                    f'font-size="{FONT - 3}" class="position" data-k="{i}">{positions[i]}</text>')
     out.append(f'<rect x="{x0}" y="{y0}" width="{T * cell}" height="{T * cell}" fill="none" stroke="#adb5bd"/>')
@@ -145,16 +155,13 @@ def mask_picture(ids: list, labels: list, steps: list, mask, positions: list, ti
     return page(x0 + T * cell + MARGIN, y0 + T * cell + LINE + MARGIN, out)
 
 
-def demo_mask(base: str, chains: str = "data/demo_chains.jsonl", drop: str = "analysis", keep: int = 8) -> str:
+DEMO_CHAINS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "demo_chains.jsonl")
+
+
+def demo_mask(base: str, chains: str = DEMO_CHAINS, drop: str = "analysis", keep: int = 8) -> str:
     """The mask picture of the shortest chain in `chains` that has all three steps, with `drop`
     dropped: its question and each step cut to their first `keep` tokens (a grid one can read),
     between their markers, as train.py lays a chain out (without the chat template)."""
-    import torch
-
-    import mote
-    import tokenizer
-    from data import read_chains
-    from model import checkpoint_args
     chain = min((c for c in read_chains(chains) if c.get("analysis") and c.get("guidance")),
                 key=lambda c: len(c["question"] + c["analysis"] + c["guidance"] + c["response"]))
     V = checkpoint_args(base, [base]).vocab_size

@@ -127,7 +127,8 @@ def test_mask_picture_draws_skip_mask(runs, capsys):
     assert sorted(t for t in ids if t >= V) == list(range(V, V + 6))  # a whole chain: every marker once
     steps = mote.token_steps(torch.tensor([ids]), V)
     mask, positions = mote.skip_mask(steps, torch.tensor([[True, False, False]]))  # the analysis dropped
-    cells = {(int(r.get("data-q")), int(r.get("data-k"))) for r in root.iter(f"{{{NS['s']}}}rect") if r.get("class") == "cell"}
+    rects = root.iter(f"{{{NS['s']}}}rect")
+    cells = {(int(r.get("data-q")), int(r.get("data-k"))) for r in rects if r.get("class") == "cell"}
     assert cells == {tuple(qk) for qk in mask[0].nonzero().tolist()}
     assert [int(t.text) for t in texts if t.get("class") == "position"] == positions[0].tolist()
 
