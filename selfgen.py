@@ -2,6 +2,7 @@
 
     python selfgen.py --base smollm2-135m-instruct.safetensors \\
         --questions ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz --out runs/selfgen/chains.jsonl
+    torchrun --nproc_per_node 2 selfgen.py ...   # each process writes every second prompt of a stage (parallel.py)
 
 Every stage is written by the base itself, prompted with PROMPTS, and the base judges its own answers
 (Safety Checking). The control flow keeps each chain as short as it can be (METHOD.md sec. 1):
@@ -39,6 +40,7 @@ from tqdm import tqdm
 
 import cli
 import data
+import parallel
 import sample
 
 # ---- the stage prompts --------------------------------------------------------------------------
@@ -153,12 +155,16 @@ def read_done(path: str) -> list:
 
 def run(questions: list, generate_fn, check_fn, out: str, batch_size: int = 8, progress: bool = True) -> dict:
     """Generate the chains of `questions` not yet in `out`, appending each kept record as soon as
-    its batch is done; -> summarize() of everything in `out`, with this run's dropped counts."""
+    its batch is done (under torchrun every rank computes every chain of the batch from the shared
+    stages, and rank 0 alone writes); -> summarize() of everything in `out`, with this run's dropped
+    counts."""
     done = {r["question"] for r in read_done(out)}
     todo = [q for q in dict.fromkeys(questions) if q not in done]
     dropped, paths = Counter(), Counter()
-    with open(out, "a", encoding="utf-8") as f, \
-            tqdm(total=len(todo), unit="chain", desc="self-generate", disable=not progress, dynamic_ncols=True) as bar:
+    writes = parallel.rank_and_world()[0] == 0
+    with open(out if writes else os.devnull, "a", encoding="utf-8") as f, \
+            tqdm(total=len(todo), unit="chain", desc="self-generate", disable=not (progress and writes),
+                 dynamic_ncols=True) as bar:
         for i in range(0, len(todo), batch_size):
             for chain in align_cot(todo[i:i + batch_size], generate_fn, check_fn):
                 if not chain["response"]:
@@ -250,22 +256,26 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     kept, n_heldout = generation_questions(questions, args.limit)
     print(f"questions: {len(questions)}, held out for evaluation: {n_heldout}")
+    rank = parallel.join()  # under torchrun each rank writes every world-th prompt of a stage; rank 0 the file
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = sample.load(args.base, None, device, args.dtype)
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     safe_ids, unsafe_ids = verdict_tokens(tok)
 
     def generate_fn(prompts):
-        ids = sample.generate_batches(model, tok, [tok.chat(q) for q in prompts], args.batch_size, **gen)
-        return [decode_text(tok, x) for x in ids]
+        ids = sample.generate_batches(model, tok, [tok.chat(q) for q in parallel.share(prompts)], args.batch_size, **gen)
+        return parallel.gather([decode_text(tok, x) for x in ids])
 
     def check_fn(prompts):
-        return [p for i in range(0, len(prompts), args.batch_size) for p in p_safe(
-            sample.next_token_probs(model, [tok.chat(q) for q in prompts[i:i + args.batch_size]]), safe_ids, unsafe_ids)]
+        mine = parallel.share(prompts)
+        return parallel.gather([p for i in range(0, len(mine), args.batch_size) for p in p_safe(
+            sample.next_token_probs(model, [tok.chat(q) for q in mine[i:i + args.batch_size]]), safe_ids, unsafe_ids)])
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     summary = run(kept, generate_fn, check_fn, args.out, args.batch_size)
-    print_summary(summary)
+    parallel.leave()
+    if rank == 0:
+        print_summary(summary)
     return summary
 
 

@@ -23,7 +23,6 @@ import time
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
@@ -31,6 +30,7 @@ from tqdm import tqdm
 import cli
 import data
 import mote
+import parallel
 import svg
 import tokenizer
 from checkpoint import check_out, read_checkpoint, save_checkpoint, start_run
@@ -192,16 +192,15 @@ def train_iteration(model, chains, base_vocab, pad_id, micro_batch, question_exp
     pass weighted by its share of those tokens), whatever micro_batch is: each pass's summed loss is
     divided by the iteration's token count, counted before the first pass. Under torchrun each rank
     takes every world-th chain, the token count and the gradients are summed over the ranks, so the
-    step is the one-process step (all_sum). question_expert (B,) and dropped (B, 3): the iteration's
-    draws. -> (per-step loss sums (3,), per-step token counts (3,), chain tokens processed), of all ranks."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    chains, question_expert, dropped = chains[rank::world], question_expert[rank::world], dropped[rank::world]
+    step is the one-process step (parallel.all_sum). question_expert (B,) and dropped (B, 3): the
+    iteration's draws. -> (per-step loss sums (3,), per-step token counts (3,), chain tokens processed), of all ranks."""
+    chains, question_expert, dropped = (parallel.share(x) for x in (chains, question_expert, dropped))
     passes = []
     for i in range(0, len(chains), micro_batch):
         batch = [t.to(device) for t in data.collate(chains[i:i + micro_batch], pad_id)]
         _, targets = pass_targets(batch, base_vocab, dropped[i:i + micro_batch])
         passes.append((batch, question_expert[i:i + micro_batch], dropped[i:i + micro_batch], int((targets != -100).sum())))
-    n_learned = all_sum(torch.tensor(float(sum(n for *_, n in passes)))).item()
+    n_learned = parallel.all_sum(torch.tensor(float(sum(n for *_, n in passes)))).item()
     sums, counts, n_tokens = torch.zeros(3, dtype=torch.float64), torch.zeros(3), torch.zeros(())
     for batch, qexp, drop, _ in passes:
         with autocast(device, dtype):
@@ -213,32 +212,8 @@ def train_iteration(model, chains, base_vocab, pad_id, micro_batch, question_exp
         n_tokens += batch[2].sum().cpu()
     for p in model.parameters():
         if p.grad is not None:
-            all_sum(p.grad)
-    return all_sum(sums), all_sum(counts), int(all_sum(n_tokens))
-
-
-def all_sum(t):
-    """t summed over the torchrun ranks, in place (nccl reduces on the GPU); t itself in one process."""
-    if dist.is_initialized():
-        if dist.get_backend() == "nccl" and not t.is_cuda:
-            t.copy_(all_sum(t.cuda()))
-        else:
-            dist.all_reduce(t)
-    return t
-
-
-def distributed(batch_size: int) -> int:
-    """Under torchrun (WORLD_SIZE in the environment) join the process group, gloo on CPU or nccl on
-    CUDA, each rank on its own GPU. -> this process's rank (0 without torchrun)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0
-    if batch_size % world:
-        sys.exit(f"error: torchrun: {world} processes do not divide --batch-size {batch_size}; give a multiple of {world}")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank()
+            parallel.all_sum(p.grad)
+    return parallel.all_sum(sums), parallel.all_sum(counts), int(parallel.all_sum(n_tokens))
 
 
 def load(args, device, dtype):
@@ -288,10 +263,10 @@ def attach_experts(args, base, dtype_why):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank = distributed(args.batch_size)  # 0 without torchrun; only rank 0 writes
+    rank = parallel.join(args.batch_size)  # 0 without torchrun; only rank 0 writes
     ckpt, log_path = os.path.join(args.out, "checkpoint.safetensors"), os.path.join(args.out, "metrics.jsonl")
     check_out(args, ckpt)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # under torchrun: this rank's GPU (distributed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # under torchrun: this rank's GPU (parallel.join)
     dtype, why = resolve_dtype(args.dtype, device)
     base, tok, train_set, val_set = load(args, device, dtype)
     V, pad = base.args.vocab_size, tok.eot_id
@@ -349,8 +324,7 @@ def main(argv=None):
         final = json.loads(open(log_path).read().splitlines()[-1]) if os.path.exists(log_path) else {}
         print("final:", {k: round(v, 4) for k, v in final.items() if k.startswith(("loss", "val_")) and v is not None})
         print(f"wrote {args.out}/adapters.safetensors, checkpoint.safetensors, metrics.jsonl, loss.svg")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    parallel.leave()
 
 
 def check_progress(args, loss, grad_norm, iter_num, saved, stuck, base_vocab, bar) -> int:
