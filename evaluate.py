@@ -246,6 +246,10 @@ def main(argv=None):
         prompts = {n: load_set(n, args.hh)[: args.limit or None] for n in names}
     except (AssetUnavailable, RuntimeError, OSError, data.DataError) as e:
         sys.exit(f"error: cannot load the prompt sets: {e}")
+    try:  # before the long part: a bad --out is one line, not a lost evaluation
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        sys.exit(f"error: --out {args.out}: {e.strerror}")
     rank = parallel.join()  # under torchrun each rank answers every world-th prompt; rank 0 writes
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = sample.load(args.base, args.adapters, device, args.dtype)
@@ -256,13 +260,13 @@ def main(argv=None):
     with tqdm(total=sum(len(parallel.share(ps)) for ps in prompts.values()), unit="prompt", desc="evaluate",
               dynamic_ncols=True, disable=rank != 0) as bar:
         for name, ps in prompts.items():
-            mine = sample.generate_batches(model, tok, [tok.chat(q) for q in parallel.share(ps)], args.batch_size, bar, **gen)
+            mine = sample.generate_batches(model, tok, [tok.chat(q) for q in parallel.share(ps)], args.batch_size,
+                                           bar, **gen)
             for q, ids in zip(ps, parallel.gather(mine)):
                 records.append({"set": name, "label": label_of(name), "prompt": q} | score(tok, ids, V, experts))
     parallel.leave()
     if rank != 0:
         return None
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "completions.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     summary = {"base": args.base, "adapters": args.adapters, "path": args.path if experts else None,

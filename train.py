@@ -193,7 +193,8 @@ def train_iteration(model, chains, base_vocab, pad_id, micro_batch, question_exp
     divided by the iteration's token count, counted before the first pass. Under torchrun each rank
     takes every world-th chain, the token count and the gradients are summed over the ranks, so the
     step is the one-process step (parallel.all_sum). question_expert (B,) and dropped (B, 3): the
-    iteration's draws. -> (per-step loss sums (3,), per-step token counts (3,), chain tokens processed), of all ranks."""
+    iteration's draws. -> (per-step loss sums (3,), per-step token counts (3,), chain tokens
+    processed), of all ranks."""
     chains, question_expert, dropped = (parallel.share(x) for x in (chains, question_expert, dropped))
     passes = []
     for i in range(0, len(chains), micro_batch):

@@ -256,3 +256,14 @@ def test_a_failed_write_leaves_the_old_adapters(here, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         mote.save_adapters(model, str(path))
     assert path.read_bytes() == old
+
+
+def test_evaluate_checks_its_out_folder_before_generating(tmp_path):
+    """A --out that cannot be a folder is one line before the model loads (the evaluation is not lost
+    at its end): here the base does not exist either, and the --out error comes first."""
+    import evaluate
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--base", str(tmp_path / "none.safetensors"), "--sets", "dev-benign", "--limit", "1",
+                       "--out", str(tmp_path / "a_file" / "eval")])
+    assert str(e.value.code).startswith(f"error: --out {tmp_path / 'a_file' / 'eval'}: ") and "\n" not in str(e.value.code)
