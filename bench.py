@@ -76,12 +76,13 @@ def with_experts(model, cfg=mote.ExpertConfig()):
 
 
 def chain_batch(args, batch, seq, device):
-    """A batch of random chains as train.py sees them: question, analysis, guidance, response."""
+    """A batch of random chains as train.py sees them (data.collate's tokens, targets, valid,
+    conclusion): question, analysis, guidance, response."""
     tokens = torch.randint(0, args.vocab_size, (batch, seq), device=device)
     for step, at in enumerate((seq // 4, seq // 2, 3 * seq // 4)):
         tokens[:, at] = mote.start_marker(args.vocab_size, step)
     targets = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -100)], dim=1)
-    return tokens, targets, torch.ones_like(tokens, dtype=torch.bool)
+    return tokens, targets, torch.ones_like(tokens, dtype=torch.bool), torch.zeros_like(tokens, dtype=torch.bool)
 
 
 def train_step_fn(model, batch, dtype, device):
@@ -91,7 +92,7 @@ def train_step_fn(model, batch, dtype, device):
 
     def step():
         with train.autocast(device, dtype):
-            losses, _, _ = train.chain_loss(model, batch, V, qexp, dropped)
+            losses, *_ = train.chain_loss(model, batch, V, qexp, dropped)
         losses.mean().backward()
         model.zero_grad(set_to_none=True)
     return step
@@ -152,7 +153,7 @@ def bench_training(preset, batch, seq, device, repeats, checkpointing=False, dty
                 step = train_step_fn(model, chains, dtype, device)
             else:  # the frozen base: the backward still runs through every layer (what any LoRA pays)
                 model.layers[0].input_layernorm.weight.requires_grad_(True)
-                plain = (chains[0].clamp(max=args.vocab_size - 1), chains[1].clamp(max=args.vocab_size - 1), chains[2])
+                plain = (chains[0].clamp(max=args.vocab_size - 1), chains[1].clamp(max=args.vocab_size - 1), *chains[2:])
                 step = train_step_fn(model, plain, dtype, device)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()

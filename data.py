@@ -6,6 +6,7 @@ into the token sequence the model learns, batching, and the HH-RLHF questions th
 """
 import gzip
 import json
+import re
 import sys
 
 import torch
@@ -73,22 +74,44 @@ def read_chains(path: str) -> list:
     return chains
 
 
+def last_sentence(text: str) -> str:
+    """The last sentence of a step's text: in the recipe's analyses, its conclusion
+    ("Verdict: harmful." or "Verdict: harmless."); the whole text when it has one sentence."""
+    return re.split(r"(?<=[.!?])\s+", text.strip())[-1]
+
+
+def conclusion(analysis: str) -> str | None:
+    """What an analysis concluded, from its last sentence: "harmful" ("Verdict: harmful."),
+    "harmless" ("Verdict: harmless."), or None when it ends otherwise."""
+    found = re.fullmatch(r"Verdict: (harmful|harmless)\.?", last_sentence(analysis))
+    return found and found[1]
+
+
 def encode_chain(tok, chain: dict, base_vocab: int):
-    """A chain -> (tokens, targets), lists of ids (METHOD.md sec. 2):
+    """A chain -> (tokens, targets, conclusion), lists (METHOD.md sec. 2):
 
         chat(question) <|analysis|> analysis <|/analysis|> ... <|response|> response <|/response|> <eot>
 
     targets[t] is the token t must predict, or -100: the question and chat template are never
-    learned; every step token, every marker and the closing end-of-turn are."""
+    learned; every step token, every marker and the closing end-of-turn are. conclusion[t] is True
+    where targets[t] is a token of the analysis's last sentence (train.py --conclusion-weight);
+    all False when the tokenizer merges that sentence into the one before it."""
     prompt = tok.chat(chain["question"])
-    tokens = list(prompt)
+    tokens, conclusion = list(prompt), []
     for step, key in enumerate(STEP_KEYS):
         if chain.get(key, "").strip():
-            tokens += [mote.start_marker(base_vocab, step), *tok.encode(chain[key].strip()),
-                       mote.end_marker(base_vocab, step)]
+            text = tok.encode(chain[key].strip())
+            tokens += [mote.start_marker(base_vocab, step), *text, mote.end_marker(base_vocab, step)]
+            if key == "analysis":
+                last = tok.encode(last_sentence(chain[key]))
+                end = len(tokens) - 1  # the end marker's index: the conclusion comes just before it
+                for n in (len(last), len(last) + 1):  # the sentence, with or without its leading space
+                    if n <= len(text) and tok.decode(text[-n:]).strip() == last_sentence(chain[key]):
+                        conclusion = range(end - n, end)
+                        break
     tokens.append(tok.eot_id)
     targets = [tokens[t + 1] if t + 1 >= len(prompt) else -100 for t in range(len(tokens) - 1)] + [-100]
-    return tokens, targets
+    return tokens, targets, [t + 1 in conclusion for t in range(len(tokens))]
 
 
 def encode_chains(tok, chains: list, base_vocab: int, max_len: int):
@@ -100,14 +123,17 @@ def encode_chains(tok, chains: list, base_vocab: int, max_len: int):
 
 
 def collate(encoded: list, pad_id: int):
-    """Right-pad a list of (tokens, targets) -> tokens, targets (B, T) long and valid (B, T) bool."""
-    T = max(len(t) for t, _ in encoded)
+    """Right-pad a list of (tokens, targets, conclusion) -> tokens, targets (B, T) long, valid (B, T)
+    bool and conclusion (B, T) bool."""
+    T = max(len(t) for t, *_ in encoded)
     tokens = torch.full((len(encoded), T), pad_id, dtype=torch.long)
     targets = torch.full((len(encoded), T), -100, dtype=torch.long)
     valid = torch.zeros(len(encoded), T, dtype=torch.bool)
-    for i, (tk, tg) in enumerate(encoded):
+    conclusion = torch.zeros(len(encoded), T, dtype=torch.bool)
+    for i, (tk, tg, c) in enumerate(encoded):
         tokens[i, : len(tk)], targets[i, : len(tg)], valid[i, : len(tk)] = torch.tensor(tk), torch.tensor(tg), True
-    return tokens, targets, valid
+        conclusion[i, : len(c)] = torch.tensor(c, dtype=torch.bool)
+    return tokens, targets, valid, conclusion
 
 
 def hh_questions(path: str) -> list:

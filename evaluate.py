@@ -160,6 +160,13 @@ def score(tok, ids: list, base_vocab: int, experts: bool) -> dict:
             "refusal": is_refusal(response), "empty_response": not response}
 
 
+def conclusion(record: dict) -> str | None:
+    """What the answer's analysis concluded ("harmful", "harmless"; data.conclusion), or None when it
+    wrote no analysis or no conclusion."""
+    analysis = re.search(r"<\|analysis\|>(.*?)<\|/analysis\|>", record["completion"], re.S)
+    return data.conclusion(analysis[1]) if analysis else None
+
+
 def wilson(k: int, n: int, z: float = 1.96) -> list:
     """The 95% Wilson score interval [low, high] of a rate k / n (good at 0 and 1 and for small n)."""
     if n == 0:

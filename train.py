@@ -7,8 +7,9 @@ Every iteration (one optimizer step): draw a question expert and a step-drop pat
 build the skipping mask and positions (mote.skip_mask), route every token to its step's expert
 (mote.route), and take the next-token loss on the steps and markers only. The loss is the mean over
 every learned token of the iteration's --batch-size chains, however they are split into
---micro-batch passes. Only the experts and marker rows train (AdamW, fp32), with warmup + cosine
-decay, gradient clipping, and bf16 autocast when the base is bf16 (model.resolve_dtype). Writes
+--micro-batch passes (--conclusion-weight weighs the analysis's last sentence more). Only the experts
+and marker rows train (AdamW, fp32), with warmup + cosine decay, gradient clipping, and bf16
+autocast when the base is bf16 (model.resolve_dtype). Writes
 DIR/adapters.safetensors (the experts, for sample.py), DIR/checkpoint.safetensors (everything
 --resume needs; no pickle), DIR/metrics.jsonl (one record per iteration, "iter") and its picture
 DIR/loss.svg (redrawn at each validation); a DIR that
@@ -67,6 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--question-expert", choices=("random", "analysis"), default="analysis",
                    help="the expert that reads the question in training: random, a step expert drawn per chain (the "
                    "paper's 'any expert can process the question'), or analysis, the one that reads it at inference (ours)")
+    p.add_argument("--conclusion-weight", type=cli.positive, default=1.0,
+                   help="loss weight of the tokens of the analysis's last sentence, its verdict (1: every token counts "
+                   "once, the paper's plain mean)")
     p.add_argument("--balance-coef", type=cli.nonnegative, default=0.01, help="load-balancing loss weight (--routing token)")
     p.add_argument("--max-len", type=cli.positive_int, default=1024, help="longer chains are dropped and counted")
     p.add_argument("--val-frac", type=cli.fraction, default=0.1, help="share of chains held out for validation")
@@ -134,18 +138,19 @@ def chunked_token_losses(head, hidden, targets, chunk=1024):
 def pass_targets(batch, base_vocab, dropped):
     """The step of every token and the next-token targets of one skipping pass over a padded batch
     (mote.skip_targets; -100 = nothing learned) -> steps (B, T), targets (B, T)."""
-    tokens, targets, _ = batch
+    tokens, targets, *_ = batch
     steps = mote.token_steps(tokens, base_vocab)
     return steps, mote.skip_targets(targets, steps, dropped)
 
 
 def chain_loss(model, batch, base_vocab, question_expert, dropped):
     """One forward pass of MoTE training over a padded batch -> (per-token losses (N,), the step of
-    each (N,), the balance loss of a token-gated baseline (0 for MoTE)).
+    each (N,), whether each is a token of the analysis's conclusion (N,), the balance loss of a
+    token-gated baseline (0 for MoTE)); N: the learned positions.
 
     question_expert (B,) and dropped (B, 3) are the random draws (mote.draw_question_experts,
     mote.draw_drops); pass INFERENCE_QUESTION_EXPERT and no drops to evaluate."""
-    tokens, _, valid = batch
+    tokens, _, valid, conclusion = batch
     steps, targets = pass_targets(batch, base_vocab, dropped)
     mask = positions = None  # nothing dropped: plain causal attention (its fast path); right padding
     if dropped.any():        # comes after every real token, so no real token can see it
@@ -155,7 +160,8 @@ def chain_loss(model, batch, base_vocab, question_expert, dropped):
     opened = mote.token_steps(targets.clamp(min=0)[..., None], base_vocab)[..., 0]
     target_steps = torch.where(opened != mote.QUESTION, opened, steps)
     balance = mote.balance_loss(model, valid & (steps != mote.QUESTION))  # over the chains' own tokens
-    return chunked_token_losses(model.lm_head, hidden, targets), target_steps[targets != -100], balance
+    learned = targets != -100
+    return chunked_token_losses(model.lm_head, hidden, targets), target_steps[learned], conclusion[learned], balance
 
 
 def per_step(losses, steps):
@@ -177,8 +183,8 @@ def validation_loss(model, dataset, pad_id, base_vocab, micro, device, dtype):
         batch = [t.to(device) for t in data.collate(dataset[i:i + micro], pad_id)]
         B = batch[0].shape[0]
         with autocast(device, dtype):
-            losses, steps, _ = chain_loss(model, batch, base_vocab, torch.full((B,), mote.INFERENCE_QUESTION_EXPERT, device=device),
-                                          torch.zeros(B, 3, dtype=torch.bool, device=device))
+            losses, steps, _, _ = chain_loss(model, batch, base_vocab, torch.full((B,), mote.INFERENCE_QUESTION_EXPERT, device=device),
+                                             torch.zeros(B, 3, dtype=torch.bool, device=device))
         sums += per_step(losses, steps)
         counts += torch.bincount(steps.cpu(), minlength=3).float()
     model.train()
@@ -186,27 +192,36 @@ def validation_loss(model, dataset, pad_id, base_vocab, micro, device, dtype):
         {"val_loss": (sums.sum() / counts.sum()).item() if counts.sum() else None}
 
 
-def train_iteration(model, chains, base_vocab, pad_id, micro_batch, question_expert, dropped, balance_coef, device, dtype):
+def token_weights(conclusion, conclusion_weight):
+    """The weight of each learned token in the loss: conclusion_weight for a token of the analysis's
+    conclusion ("Verdict: harmful."), 1 for every other (1 everywhere: the paper's plain mean)."""
+    return 1 + (conclusion_weight - 1) * conclusion.float()
+
+
+def train_iteration(model, chains, base_vocab, pad_id, micro_batch, question_expert, dropped, balance_coef, device, dtype,
+                    conclusion_weight=1.0):
     """Forward and backward over one iteration's chains, micro_batch chains per pass. The gradient is
-    that of the mean loss over every token learned in the iteration (and of the balance loss, each
-    pass weighted by its share of those tokens), whatever micro_batch is: each pass's summed loss is
-    divided by the iteration's token count, counted before the first pass. Under torchrun each rank
-    takes every world-th chain, the token count and the gradients are summed over the ranks, so the
-    step is the one-process step (parallel.all_sum). question_expert (B,) and dropped (B, 3): the
-    iteration's draws. -> (per-step loss sums (3,), per-step token counts (3,), chain tokens
-    processed), of all ranks."""
+    that of the weighted mean loss over every token learned in the iteration (token_weights; and of
+    the balance loss, each pass weighted by its share of that weight), whatever micro_batch is: each
+    pass's weighted loss sum is divided by the iteration's total weight, counted before the first
+    pass. Under torchrun each rank takes every world-th chain, the weight and the gradients are
+    summed over the ranks, so the step is the one-process step (parallel.all_sum). question_expert
+    (B,) and dropped (B, 3): the iteration's draws. -> (per-step loss sums (3,), per-step token
+    counts (3,), chain tokens processed), of all ranks, unweighted."""
     chains, question_expert, dropped = (parallel.share(x) for x in (chains, question_expert, dropped))
     passes = []
     for i in range(0, len(chains), micro_batch):
         batch = [t.to(device) for t in data.collate(chains[i:i + micro_batch], pad_id)]
         _, targets = pass_targets(batch, base_vocab, dropped[i:i + micro_batch])
-        passes.append((batch, question_expert[i:i + micro_batch], dropped[i:i + micro_batch], int((targets != -100).sum())))
-    n_learned = parallel.all_sum(torch.tensor(float(sum(n for *_, n in passes)))).item()
+        weight = token_weights(batch[3][targets != -100], conclusion_weight).sum().item()
+        passes.append((batch, question_expert[i:i + micro_batch], dropped[i:i + micro_batch], weight))
+    total = parallel.all_sum(torch.tensor(float(sum(w for *_, w in passes)))).item()
     sums, counts, n_tokens = torch.zeros(3, dtype=torch.float64), torch.zeros(3), torch.zeros(())
     for batch, qexp, drop, _ in passes:
         with autocast(device, dtype):
-            losses, steps, balance = chain_loss(model, batch, base_vocab, qexp, drop)
-            loss = (losses.sum() + balance_coef * balance * len(losses)) / max(n_learned, 1)
+            losses, steps, conclusion, balance = chain_loss(model, batch, base_vocab, qexp, drop)
+            weights = token_weights(conclusion, conclusion_weight)
+            loss = ((losses * weights).sum() + balance_coef * balance * weights.sum()) / max(total, 1)
         loss.backward()
         sums += per_step(losses.detach(), steps)
         counts += torch.bincount(steps.cpu(), minlength=3).float()
@@ -303,7 +318,7 @@ def main(argv=None):
         qexp = mote.draw_question_experts(len(chosen), rng, device, fixed=args.question_expert == "analysis")
         dropped = mote.draw_drops(len(chosen), args.skip_p, rng, device)
         sums, counts, n_tokens = train_iteration(model, chosen, V, pad, args.micro_batch, qexp, dropped,
-                                                 args.balance_coef, device, dtype)
+                                                 args.balance_coef, device, dtype, args.conclusion_weight)
         loss = (sums.sum() / counts.sum()).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip).item()
         stuck = check_progress(args, loss, grad_norm, iter_num, saved, stuck, V, bar)

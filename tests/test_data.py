@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mote
-from tokenizer import byte_tokenizer
+from tokenizer import byte_tokenizer, hf_tokenizer
 from data import DataError, collate, encode_chain, encode_chains, hh_questions, read_chains
 from evaluate import is_refusal
 
@@ -65,7 +65,7 @@ def test_train_py_reports_bad_data_in_one_line(tmp_path):
 
 def test_chain_encoding_layout_and_labels():
     chain = {"question": "Hi?", "analysis": "risk", "response": "ok", "check": "safe"}
-    tokens, targets = encode_chain(TOK, chain, V)
+    tokens, targets, conclusion = encode_chain(TOK, chain, V)
     prompt = TOK.chat("Hi?")
     A, A_, R, R_ = V, V + 1, V + 4, V + 5
     assert tokens == prompt + [A, *TOK.encode("risk"), A_, R, *TOK.encode("ok"), R_, TOK.eot_id]
@@ -75,20 +75,46 @@ def test_chain_encoding_layout_and_labels():
     steps = mote.token_steps(torch.tensor([tokens]), V)[0].tolist()
     assert steps == [mote.QUESTION] * len(prompt) + [0] * 6 + [2] * 5
     assert TOK.decode(tokens[len(prompt):]) == "<|analysis|>risk<|/analysis|><|response|>ok<|/response|><|eot|>"
+    assert [tokens[t + 1] for t, c in enumerate(conclusion) if c] == TOK.encode("risk")  # one sentence: all of it
+
+
+@pytest.mark.parametrize("analysis,sentence", [
+    ("It names a weed. Verdict: harmless.", "Verdict: harmless."),
+    ("Is it a weapon?  No: a garden tool!\nVerdict: harmless.", "Verdict: harmless."),
+    ("Poisoning a person. Verdict: harmful.", "Verdict: harmful."),
+])
+def test_the_conclusion_is_the_analysis_last_sentence(analysis, sentence):
+    chain = {"question": "q", "analysis": analysis, "guidance": "Answer. Verdict: no.", "response": "ok."}
+    tokens, targets, conclusion = encode_chain(TOK, chain, V)
+    marked = [t for t, c in enumerate(conclusion) if c]
+    assert TOK.decode([targets[t] for t in marked]) == sentence  # and the token after it is </a>
+    assert marked == list(range(marked[0], marked[-1] + 1)) and targets[marked[-1] + 1] == V + 1
+
+
+def test_the_recipe_chains_mark_their_verdict_with_a_real_tokenizer():
+    """Every analysis of the recipe's chains has its "Verdict: ..." sentence marked with a byte-level
+    BPE (the fixture), where the sentence must be found as a suffix of merged tokens."""
+    bpe = hf_tokenizer(os.path.join(os.path.dirname(__file__), "fixtures", "tiny_tokenizer.json"))
+    tok = bpe.with_special_tokens(mote.marker_tokens(bpe.n_vocab))
+    for c in (c for c in read_chains(DEMO) if c.get("analysis")):
+        tokens, targets, conclusion = encode_chain(tok, c, bpe.n_vocab)
+        assert tok.decode([targets[t] for t, f in enumerate(conclusion) if f]).strip() == \
+            c["analysis"][c["analysis"].rindex("Verdict:"):].strip()
 
 
 def test_long_chains_are_dropped_and_counted():
     chains = [{"question": "q", "response": "a" * n} for n in (5, 500, 10)]
     kept, dropped = encode_chains(TOK, chains, V, max_len=100)
-    assert dropped == 1 and [len(t) for t, _ in kept] == [len(encode_chain(TOK, chains[0], V)[0]),
+    assert dropped == 1 and [len(t) for t, *_ in kept] == [len(encode_chain(TOK, chains[0], V)[0]),
                                                           len(encode_chain(TOK, chains[2], V)[0])]
 
 
 def test_collate_pads_on_the_right():
     a, b = encode_chain(TOK, {"question": "q", "response": "a"}, V), encode_chain(TOK, {"question": "q", "response": "abc"}, V)
-    tokens, targets, valid = collate([a, b], pad_id=TOK.eot_id)
+    tokens, targets, valid, conclusion = collate([a, b], pad_id=TOK.eot_id)
     assert tokens.shape == (2, len(b[0])) and valid.sum(1).tolist() == [len(a[0]), len(b[0])]
     assert (targets[0, len(a[0]):] == -100).all() and tokens[0, :len(a[0])].tolist() == a[0]
+    assert conclusion.shape == (2, len(b[0])) and not conclusion.any()  # no analysis: nothing marked
 
 
 def test_hh_questions_first_human_turn_deduplicated(tmp_path):

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import data
 import evaluate
 import mote
 import selfgen
@@ -247,6 +248,37 @@ def test_experiment_table_reads_what_evaluate_writes(tmp_path, capsys):
     assert experiment.path_mix({"paths": {"analysis+guidance+response": {"n": 5}, "response": {"n": 7}}}) == "R 7, A+G+R 5"
 
 
+@pytest.mark.parametrize("analysis, said", [
+    ("A cooking question. Verdict: harmless.", "harmless"), ("Theft. Verdict: harmful.", "harmful"),
+    ("Theft.\nVerdict: harmful", "harmful"), ("It is harmful.", None), ("Verdict: harmful. But maybe not.", None),
+])
+def test_the_conclusion_is_read_from_the_analysis_last_sentence(analysis, said):
+    completion = f"<|analysis|>{analysis}<|/analysis|><|response|>Sure.<|/response|>"
+    assert data.conclusion(analysis) == said and evaluate.conclusion({"completion": completion}) == said
+    assert evaluate.conclusion({"completion": "<|response|>Verdict: harmful.<|/response|>"}) is None
+
+
+def test_experiment_tells_whether_the_response_follows_the_conclusion(tmp_path, capsys):
+    """Per run: answers concluded harmful (and refused), harmless (and answered), none; per set, the
+    conclusions against the set's label. Runs without analyses (the base, a single LoRA) get no row."""
+    import experiment
+    said = lambda c: f"<|analysis|>Looked. Verdict: {c}.<|/analysis|>" if c else ""
+    rows = [  # (set, analysis concluded, refused)
+        ("strongreject", "harmful", True), ("strongreject", "harmful", False), ("strongreject", "harmless", False),
+        ("own-harmful", None, True), ("benign", "harmless", False), ("benign", "harmful", True),
+        ("own-benign", "harmless", True)]
+    (tmp_path / "mote").mkdir()
+    (tmp_path / "single").mkdir()
+    for run, plain in (("mote", False), ("single", True)):
+        (tmp_path / run / "completions.jsonl").write_text("".join(json.dumps(
+            {"set": n, "label": evaluate.SETS[n], "completion": ("" if plain else said(c)) + "<|response|>x<|/response|>",
+             "refusal": r, "empty_response": False}) + "\n" for n, c, r in rows))
+    experiment.print_conclusions([("seed 0", "MoTE", "full", str(tmp_path / "mote"), "run"),
+                                  ("seed 0", "single LoRA", "auto", str(tmp_path / "single"), "run")])
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| seed")]
+    assert table == ["| seed 0 | MoTE | full | 2 of 3 | 2 of 3 | 1 | 1 | 0 | 1 | 0 |"]
+
+
 def test_demo_sh_and_experiment_train_the_recipe_of_train_py():
     """demo.sh's MoTE is the table's: both run train.py with its defaults (the recipe) on the same base."""
     import experiment
@@ -264,6 +296,7 @@ def test_experiment_trains_each_variant_and_seed_and_evaluates_its_paths(tmp_pat
     monkeypatch.setattr(experiment, "run", lambda cmd, done: commands.append(cmd))
     monkeypatch.setattr(experiment, "print_table", lambda rows, sets: None)
     monkeypatch.setattr(experiment, "print_against_single", lambda rows, sets: None)
+    monkeypatch.setattr(experiment, "print_conclusions", lambda rows, sets: None)
     monkeypatch.setattr(sys, "argv", ["experiment.py", "--out", str(tmp_path), "--variants", "mote,single64", "--seeds", "0,1"])
     experiment.main()
     trains = [c[c.index("--out") + 1:] for c in commands if c[1] == "train.py"]
@@ -275,11 +308,25 @@ def test_experiment_trains_each_variant_and_seed_and_evaluates_its_paths(tmp_pat
     assert all("--argmax" in c for d, c in evals.items() if d != "base/eval-base")
 
 
+def test_experiment_passes_the_conclusion_weight_to_every_training(tmp_path, monkeypatch):
+    import experiment
+    commands = []
+    monkeypatch.setattr(experiment, "run", lambda cmd, done: commands.append(cmd))
+    for name in ("print_table", "print_against_single", "print_conclusions"):
+        monkeypatch.setattr(experiment, name, lambda rows, sets: None)
+    for extra in (["--variants", "mote,single"], ["--holdout", "w4"]):
+        monkeypatch.setattr(sys, "argv", ["experiment.py", "--out", str(tmp_path), "--conclusion-weight", "1", *extra])
+        experiment.main()
+    trains = [c for c in commands if c[1] == "train.py"]
+    assert len(trains) == 3 and all(c[c.index("--conclusion-weight") + 1] == "1.0" for c in trains)
+
+
 def test_experiment_holdout_trains_without_the_sources_and_evaluates_their_questions(tmp_path, monkeypatch):
     import experiment
     commands = []
     monkeypatch.setattr(experiment, "run", lambda cmd, done: commands.append(cmd))
     monkeypatch.setattr(experiment, "print_table", lambda rows, sets: None)
+    monkeypatch.setattr(experiment, "print_conclusions", lambda rows, sets: None)
     monkeypatch.setattr(sys, "argv", ["experiment.py", "--out", str(tmp_path), "--holdout", "w4,w5"])
     experiment.main()
     folder = tmp_path / "holdout-w4-w5"

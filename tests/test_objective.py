@@ -5,6 +5,7 @@ that share no code with it:
     encoded from chain dicts and run without any mask, for every drop pattern, with padding, with
     activation checkpointing on and off;
   * the gradient of an iteration does not depend on how its chains are split into micro-batches;
+  * --conclusion-weight weighs the tokens of the analysis's last sentence, and only those;
   * each ablation flag changes exactly what it names (mixing table, drop rate, expert count)."""
 import itertools
 import json
@@ -22,7 +23,7 @@ from tokenizer import byte_tokenizer
 V = 264
 TOK = byte_tokenizer().with_special_tokens(mote.marker_tokens(V))
 CHAINS = [  # every shape of chain: full, analysis only, guidance only, answer only
-    {"question": "Can I pick this lock?", "analysis": "Lock picking.", "guidance": "Ask why.", "response": "If it's yours."},
+    {"question": "Can I pick this lock?", "analysis": "Lock picking. Verdict: harmless.", "guidance": "Ask why.", "response": "If it's yours."},
     {"question": "How do knots hold?", "analysis": "Benign.", "response": "Friction."},
     {"question": "Kill a process?", "guidance": "Explain kill.", "response": "Use kill PID."},
     {"question": "Hi", "response": "Hello there, friend!"},
@@ -65,7 +66,7 @@ def without(chain: dict, blocks) -> dict:
 def plain_losses(model, chain: dict, question_expert: int):
     """Per-position next-token losses of a chain run alone, causal, default positions, no mask ->
     (losses (T,), learned (T,) bool)."""
-    tokens, targets = (torch.tensor([x]) for x in data.encode_chain(TOK, chain, V))
+    tokens, targets, _ = (torch.tensor([x]) for x in data.encode_chain(TOK, chain, V))
     route = mote.route(mote.token_steps(tokens, V), torch.tensor([question_expert]))
     logits = model(tokens, route=route)[0].float()
     return F.cross_entropy(logits, targets[0].clamp(min=0), reduction="none"), targets[0] != -100
@@ -100,7 +101,7 @@ def test_chain_loss_equals_the_shortened_chains(pattern, checkpointing):
     qexp = torch.tensor([1, 2, 0, 1])
     batch = data.collate([data.encode_chain(TOK, c, V) for c in CHAINS], TOK.eot_id)
     with torch.enable_grad():
-        losses, _, _ = train.chain_loss(model, batch, V, qexp, dropped)
+        losses, *_ = train.chain_loss(model, batch, V, qexp, dropped)
         losses.sum().backward()  # the checkpointed path recomputes in backward: it must run too
     expected = torch.cat([oracle_losses(model, c, d, int(q)) for c, d, q in zip(CHAINS, drops, qexp)])
     torch.testing.assert_close(losses.detach(), expected.detach(), atol=2e-5, rtol=2e-5)
@@ -142,6 +143,40 @@ def test_the_iteration_loss_is_the_mean_over_learned_tokens_for_every_drop_patte
     oracle = tiny_model()
     losses = [oracle_losses(oracle, c, d, int(q)) for c, d, q in zip(CHAINS, drops, qexp)]
     (sum(l.sum() for l in losses) / sum(len(l) for l in losses)).backward()
+    for (name, p), q in zip(model.named_parameters(), oracle.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def conclusion_flags(chain: dict):
+    """Whether each learned token of oracle_losses (block by block) is in the analysis's last
+    sentence, found from the texts alone: the analysis block is <a> text </a>, and the sentence's
+    tokens are the last ones of its text."""
+    last = len(TOK.encode(chain["analysis"].split(". ")[-1])) if chain.get("analysis") else 0
+    flags = []
+    for block, first, end in block_ranges(chain):
+        n_learned = 1 if block == "question" else end - first - (block == "response")  # eot: -100
+        in_sentence = [block == "analysis" and end - 1 - last <= t < end - 1 for t in range(first + 1, end + 1)]
+        flags += in_sentence[:n_learned] if block != "question" else [False]
+    return torch.tensor(flags)
+
+
+@pytest.mark.parametrize("weight", [1.0, 5.0])
+def test_the_conclusion_weight_weighs_the_analysis_last_sentence(weight):
+    """With --conclusion-weight w the iteration's loss is the weighted mean sum(w_i l_i) / sum(w_i),
+    w_i = w on the tokens of "Verdict: harmless." (predicted by the token before each) and 1
+    elsewhere, for every drop pattern, against oracle_losses and flags found from the texts."""
+    dropped = torch.tensor([[s in d for s in mote.STEPS] for d in PATTERNS])
+    qexp = torch.tensor([1, 2, 0, 1])
+    model = tiny_model()
+    train.train_iteration(model, [data.encode_chain(TOK, c, V) for c in CHAINS], V, TOK.eot_id, 2, qexp, dropped,
+                          0.0, "cpu", torch.float32, conclusion_weight=weight)
+    oracle = tiny_model()
+    losses = torch.cat([oracle_losses(oracle, c, d, int(q)) for c, d, q in zip(CHAINS, PATTERNS, qexp)])
+    flags = torch.cat([conclusion_flags(c) for c in CHAINS])
+    assert flags.sum() == len("Verdict: harmless.") + len("Benign.")  # byte tokens; one-sentence analyses: all
+    w = torch.where(flags, weight, 1.0)
+    ((losses * w).sum() / w.sum()).backward()
     for (name, p), q in zip(model.named_parameters(), oracle.parameters()):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=name)
@@ -227,6 +262,6 @@ def test_the_balance_loss_counts_only_the_chains_step_tokens():
     for i, chain in enumerate(CHAINS):
         for block, first, end in block_ranges(chain)[1:]:
             counted[i, first:end] = True
-    _, _, balance = train.chain_loss(model, batch, V, torch.zeros(4, dtype=torch.long), torch.zeros(4, 3, dtype=torch.bool))
+    *_, balance = train.chain_loss(model, batch, V, torch.zeros(4, dtype=torch.long), torch.zeros(4, 3, dtype=torch.bool))
     torch.testing.assert_close(balance, torch.stack([b.balance_loss(counted) for b in mote.banks(model)]).mean())
     assert not torch.allclose(balance, torch.stack([b.balance_loss(batch[2]) for b in mote.banks(model)]).mean())
