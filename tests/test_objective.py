@@ -161,14 +161,15 @@ def conclusion_flags(chain: dict):
     return torch.tensor(flags)
 
 
-@pytest.mark.parametrize("weight", [1.0, 5.0])
-def test_the_conclusion_weight_weighs_the_analysis_last_sentence(weight):
+@pytest.mark.parametrize("weight,checkpointing", [(1.0, False), (5.0, False), (5.0, True)])
+def test_the_conclusion_weight_weighs_the_analysis_last_sentence(weight, checkpointing):
     """With --conclusion-weight w the iteration's loss is the weighted mean sum(w_i l_i) / sum(w_i),
     w_i = w on the tokens of "Verdict: harmless." (predicted by the token before each) and 1
     elsewhere, for every drop pattern, against oracle_losses and flags found from the texts."""
     dropped = torch.tensor([[s in d for s in mote.STEPS] for d in PATTERNS])
     qexp = torch.tensor([1, 2, 0, 1])
     model = tiny_model()
+    model.checkpointing = checkpointing
     train.train_iteration(model, [data.encode_chain(TOK, c, V) for c in CHAINS], V, TOK.eot_id, 2, qexp, dropped,
                           0.0, "cpu", torch.float32, conclusion_weight=weight)
     oracle = tiny_model()
