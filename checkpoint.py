@@ -67,7 +67,10 @@ def read_checkpoint(path) -> tuple:
     try:
         with safe_open(path, framework="pt") as f:
             meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-        return json.loads(meta["config"]), int(meta["iter_num"]), tensors
+        config = json.loads(meta["config"])
+        if isinstance(config.get("data"), str):  # saved before --data took several files: the same run
+            config["data"] = [config["data"]]
+        return config, int(meta["iter_num"]), tensors
     except (SafetensorError, KeyError, ValueError) as e:
         reason = f"no {e} metadata" if isinstance(e, KeyError) else str(e)
         raise ValueError(f"{path}: not a checkpoint written by train.py, or cut short ({reason}); restore it, "

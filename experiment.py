@@ -5,11 +5,12 @@
     python experiment.py --variants mote,single,token,no-shared,no-skip  # the ablation of Table 4
     python experiment.py --holdout w4,w5                      # the generalization check (README)
     python experiment.py --out runs/lever --conclusion-weight 5 --variants mote   # the verdict's loss weight (README)
+    python experiment.py --out runs/variety --data data/demo_chains.jsonl data/variety_chains.jsonl --variants mote
     python experiment.py --limit 20 --iters 4 --out runs/try  # the pipeline, small
 
 Every variant trains with train.py's defaults, the recipe (the hand-written chains of
 data/demo_chains.jsonl, 1.5 epochs, lr 2e-3, batches of 8), plus the variant's flags (VARIANTS):
-the same data and budget for all. Each model, and the base alone, is evaluated by evaluate.py
+the same data and budget for all (--data and --conclusion-weight change them for every run). Each model, and the base alone, is evaluated by evaluate.py
 (greedy, 64 tokens a step, the offline refusal-phrase judge) on the full prompt sets (--sets):
 every variant on the plain auto path (the likeliest marker decides; a stored rule is not used),
 MoTE also forced through every step (--paths). Every rate has its count and 95% Wilson interval;
@@ -73,13 +74,13 @@ def train_run(run_dir, flags, iters):
          *(["--max-iters", str(iters)] if iters else [])], os.path.join(run_dir, "adapters.safetensors"))
 
 
-def holdout_sets(data_file: str, sources: list, out: str) -> tuple:
-    """Write the recipe's chains minus those of `sources` (the training file) and the held-out
+def holdout_sets(data_files: list, sources: list, out: str) -> tuple:
+    """Write the chains of data_files minus those of `sources` (the training file) and the held-out
     chains' questions, harmful and benign (the evaluation files). -> (training file, set names)."""
-    chains = data.read_chains(data_file)
+    chains = [c for path in data_files for c in data.read_chains(path)]
     held = [c for c in chains if c.get("source") in sources]
     if not held:
-        sys.exit(f"error: {data_file}: no chain has a source in {sources}")
+        sys.exit(f"error: {' '.join(data_files)}: no chain has a source in {sources}")
     kept = os.path.join(out, "chains.jsonl")
     with open(kept, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in chains if c not in held)
@@ -111,8 +112,11 @@ def main():
     p.add_argument("--holdout", help="comma-separated chain sources to hold out of training (the generalization check)")
     p.add_argument("--conclusion-weight", type=cli.positive,
                    help="train.py --conclusion-weight for every run (default: train.py's, the recipe's)")
+    p.add_argument("--data", nargs="+", default=[train.RECIPE_DATA],
+                   help="train.py --data for every run: the chain files (default: the recipe's)")
     args = p.parse_args()
     args.train_flags = [] if args.conclusion_weight is None else ["--conclusion-weight", str(args.conclusion_weight)]
+    data_flags = [] if args.data == [train.RECIPE_DATA] else ["--data", *args.data]
     variants, seeds, sets = args.variants.split(","), args.seeds.split(","), args.sets.split(",")
     if any(v not in VARIANTS for v in variants):
         p.error(f"--variants: choose from {list(VARIANTS)}")
@@ -128,7 +132,7 @@ def main():
         for v in variants:
             name, flags = VARIANTS[v]
             run_dir = os.path.join(args.out, f"{v}-s{seed}")
-            train_run(run_dir, [*flags, "--seed", seed, *args.train_flags], args.iters)
+            train_run(run_dir, [*flags, "--seed", seed, *args.train_flags, *data_flags], args.iters)
             for path in args.paths.split(",") if v == "mote" else ["auto"]:
                 rows.append((f"seed {seed}", name, path, evaluate_run(run_dir, path, sets, args.limit), run_dir))
     print_table(rows, sets)
@@ -140,7 +144,7 @@ def holdout(args):
     sources = args.holdout.split(",")
     run_dir = os.path.join(args.out, "holdout-" + "-".join(sources))
     os.makedirs(run_dir, exist_ok=True)
-    kept, held = holdout_sets(train.RECIPE_DATA, sources, run_dir)
+    kept, held = holdout_sets(args.data, sources, run_dir)
     train_run(run_dir, ["--data", kept, *args.train_flags], args.iters)
     sets = ["dev-harmful", *held[:1], "dev-benign", *held[1:]]
     rows = [(f"without {args.holdout}", "MoTE", path, evaluate_run(run_dir, path, sets, args.limit), run_dir)

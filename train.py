@@ -48,7 +48,8 @@ def parse_args(argv=None):
     line takes the run's own value (from its checkpoint), so `--resume --out DIR` is enough."""
     p = cli.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)  # typed flags are matched whole
     p.add_argument("--base", help="base checkpoint (.safetensors file or directory)")
-    p.add_argument("--data", default=RECIPE_DATA, help="JSONL reasoning chains (README: data format; default: the recipe's)")
+    p.add_argument("--data", nargs="+", default=[RECIPE_DATA],
+                   help="JSONL files of reasoning chains, read in order (README: the data; default: the recipe's)")
     p.add_argument("--out", help="the run folder (default: runs/<base name>)")
     p.add_argument("--epochs", type=cli.positive, default=RECIPE_EPOCHS, help="passes over the training chains (paper: 3)")
     p.add_argument("--max-iters", type=cli.count, default=0, help="stop after this many optimizer steps (0: epochs decide)")
@@ -236,7 +237,7 @@ def load(args, device, dtype):
     """The base, its tokenizer with the markers, and the encoded training and validation chains;
     every problem is one line before anything is written."""
     try:
-        chains = data.read_chains(args.data)
+        chains = [c for path in args.data for c in data.read_chains(path)]
         base = Transformer.from_pretrained(args.base, dtype=dtype, device=device)
         tok = tokenizer.load_tokenizer(args.base)
     except (data.DataError, CheckpointError, FileNotFoundError, ValueError) as e:
@@ -253,10 +254,10 @@ def load(args, device, dtype):
     print(f"data: {len(chains)} chains ({with_a} with analysis, {with_g} with guidance); train {len(train_set)}, "
           f"val {len(val_set)}; dropped as longer than {args.max_len} tokens: {n_long + n_long_val}")
     if not train_set:
-        sys.exit(f"error: {args.data}: no training chains left ({len(train_chains)} after --val-frac {args.val_frac}, "
+        sys.exit(f"error: {' '.join(args.data)}: no training chains left ({len(train_chains)} after --val-frac {args.val_frac}, "
                  f"{n_long} of them longer than --max-len {args.max_len} tokens); raise --max-len or lower --val-frac")
     if args.val_frac > 0 and not val_set:
-        sys.exit(f"error: {args.data}: no validation chains left ({len(val_chains)} held out by --val-frac "
+        sys.exit(f"error: {' '.join(args.data)}: no validation chains left ({len(val_chains)} held out by --val-frac "
                  f"{args.val_frac}, {n_long_val} of them longer than --max-len {args.max_len} tokens); raise --max-len "
                  "or --val-frac, or give --val-frac 0")
     return base, tok, train_set, val_set

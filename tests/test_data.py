@@ -146,13 +146,19 @@ def test_demo_set_is_valid_and_mixed():
     assert len({c["question"] for c in chains}) == len(chains)
 
 
-def test_the_verdict_is_in_the_words_not_in_the_path():
-    """The recipe's chains (README: the data): every analysis ends with its verdict, "Verdict: harmful."
-    or "Verdict: harmless."; a benign chain's guidance says what to answer ("Answer..."), a harmful
-    one's does not; both verdicts are on every path (direct, analysis, analysis + guidance), so taking
-    a step says nothing of the verdict; and an English response refuses iff its verdict is harmful,
-    but for a few soft declines ("Please don't...") that the phrase judge does not count."""
-    chains = read_chains(DEMO)
+VARIETY = os.path.join(os.path.dirname(DEMO), "variety_chains.jsonl")
+SOURCES = {DEMO: {"demo", "extra", "w1", "w2", "w3", "w4", "w5"}, VARIETY: {"w6", "w7", "w8", "w9"}}
+
+
+@pytest.mark.parametrize("path", [DEMO, VARIETY], ids=["recipe", "variety"])
+def test_the_verdict_is_in_the_words_not_in_the_path(path):
+    """The recipe's chains, and the variety lever's (README: the data): every analysis ends with its
+    verdict, "Verdict: harmful." or "Verdict: harmless."; a benign chain's guidance says what to
+    answer ("Answer..."), a harmful one's does not; both verdicts are on every path (direct, analysis,
+    analysis + guidance), so taking a step says nothing of the verdict; and an English response
+    refuses iff its verdict is harmful, but for a few soft declines ("Please don't...") that the
+    phrase judge does not count."""
+    chains = read_chains(path)
     label = {c["question"]: c["analysis"].rsplit("Verdict: ", 1)[-1] for c in chains if "analysis" in c}
     assert all(c["analysis"].endswith(("Verdict: harmful.", "Verdict: harmless.")) for c in chains if "analysis" in c)
     assert all(c["guidance"].startswith("Answer") == (label[c["question"]] == "harmless.") for c in chains if "guidance" in c)
@@ -162,10 +168,13 @@ def test_the_verdict_is_in_the_words_not_in_the_path():
         assert 0.25 * len(on_path) < refused < 0.75 * len(on_path), (steps, refused, len(on_path))
     disagree = [c for c in chains if c["question"] in label and is_refusal(c["response"]) != (label[c["question"]] == "harmful.")]
     assert len(disagree) <= 20 and all(label[c["question"]] == "harmful." for c in disagree)
-    assert len({c["question"] for c in chains}) == len(chains) and {c["source"] for c in chains} == SOURCES
+    assert len({c["question"] for c in chains}) == len(chains) and {c["source"] for c in chains} == SOURCES[path]
 
 
-SOURCES = {"demo", "extra", "w1", "w2", "w3", "w4", "w5"}
+def test_the_variety_chains_are_new_questions():
+    """No question of the variety lever's file is in the recipe's, verbatim or by case and punctuation."""
+    norm = lambda q: "".join(ch for ch in q.lower() if ch.isalnum())
+    assert not {norm(c["question"]) for c in read_chains(VARIETY)} & {norm(c["question"]) for c in read_chains(DEMO)}
 
 
 def test_a_chain_file_of_the_older_format_is_read_with_a_note(tmp_path, capsys):

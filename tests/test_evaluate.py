@@ -20,7 +20,7 @@ from evaluate import is_refusal
 from model import ModelArgs, Transformer
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data")
-TRAINING = [os.path.join(DATA, "demo_chains.jsonl")]  # the recipe's
+TRAINING = [os.path.join(DATA, "demo_chains.jsonl"), os.path.join(DATA, "variety_chains.jsonl")]  # the recipe's; the lever's
 
 REFUSALS = [
     "I can't help with that.",
@@ -308,17 +308,25 @@ def test_experiment_trains_each_variant_and_seed_and_evaluates_its_paths(tmp_pat
     assert all("--argmax" in c for d, c in evals.items() if d != "base/eval-base")
 
 
-def test_experiment_passes_the_conclusion_weight_to_every_training(tmp_path, monkeypatch):
+def test_experiment_passes_the_conclusion_weight_and_the_data_to_every_training(tmp_path, monkeypatch):
+    """--conclusion-weight goes to every training; so do --data's files, except to the holdout's,
+    which trains on those files' chains less the held-out sources."""
     import experiment
     commands = []
     monkeypatch.setattr(experiment, "run", lambda cmd, done: commands.append(cmd))
     for name in ("print_table", "print_against_single", "print_conclusions"):
         monkeypatch.setattr(experiment, name, lambda rows, sets: None)
-    for extra in (["--variants", "mote,single"], ["--holdout", "w4"]):
-        monkeypatch.setattr(sys, "argv", ["experiment.py", "--out", str(tmp_path), "--conclusion-weight", "1", *extra])
+    files = [os.path.join(DATA, "demo_chains.jsonl"), os.path.join(DATA, "variety_chains.jsonl")]
+    for extra in (["--variants", "mote,single"], ["--holdout", "w4,w6"]):
+        monkeypatch.setattr(sys, "argv", ["experiment.py", "--out", str(tmp_path), "--conclusion-weight", "1",
+                                          "--data", *files, *extra])
         experiment.main()
     trains = [c for c in commands if c[1] == "train.py"]
     assert len(trains) == 3 and all(c[c.index("--conclusion-weight") + 1] == "1.0" for c in trains)
+    assert [c[c.index("--data") + 1:c.index("--data") + 3] for c in trains[:2]] == [files, files]
+    kept = [json.loads(line) for line in open(tmp_path / "holdout-w4-w6" / "chains.jsonl")]
+    assert trains[2][trains[2].index("--data") + 1] == str(tmp_path / "holdout-w4-w6" / "chains.jsonl")
+    assert len(kept) == 1448 + 480 - 100 - 120 and {"w5", "w7"} <= {c["source"] for c in kept}
 
 
 def test_experiment_holdout_trains_without_the_sources_and_evaluates_their_questions(tmp_path, monkeypatch):

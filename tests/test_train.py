@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import checkpoint
 import mote
@@ -106,9 +107,32 @@ def test_train_py_with_only_a_base_starts_the_recipe(setup, monkeypatch, tmp_pat
     out = capsys.readouterr().out
     assert "data: 1448 chains" in out and "training 1 iterations of 8 chains into runs/tiny" in out
     config = json.load(open(tmp_path / "runs" / "tiny" / "train_config.json"))
-    assert config["data"] == train.RECIPE_DATA and config["lr"] == 2e-3 and config["epochs"] == train.RECIPE_EPOCHS
+    assert config["data"] == [train.RECIPE_DATA] and config["lr"] == 2e-3 and config["epochs"] == train.RECIPE_EPOCHS
     assert config["conclusion_weight"] == 1
     assert os.path.exists(tmp_path / "runs" / "tiny" / "adapters.safetensors")
+
+
+def test_data_from_several_files_in_order_and_an_older_run_resumes(setup):
+    """--data takes several files and trains on their chains in order, as if one file; a run saved
+    when --data took one file (its config holds a string) resumes as the same run."""
+    chains = open(setup / "chains.jsonl").read().splitlines(keepends=True)
+    (setup / "first.jsonl").write_text("".join(chains[:20]))
+    (setup / "second.jsonl").write_text("".join(chains[20:]))
+    one = run(setup, "one-file", "--max-iters", "2")
+    train.main(["--base", str(setup / "tiny.safetensors"), "--data", str(setup / "first.jsonl"), str(setup / "second.jsonl"),
+                "--out", str(setup / "two-files"), "--batch-size", "8", "--micro-batch", "4", "--lr", "3e-3",
+                "--val-frac", "0.2", "--seed", "0", "--max-iters", "2", "--save-every", "1"])
+    two = [json.loads(line) for line in open(setup / "two-files" / "metrics.jsonl")]
+    val = lambda log: [r["val_loss"] for r in log if "val_loss" in r]
+    assert len(val(two)) == 2 and val(two) == pytest.approx(val(one), rel=1e-6)
+    ckpt = setup / "two-files" / "checkpoint.safetensors"
+    config, iter_num, tensors = checkpoint.read_checkpoint(ckpt)
+    assert config["data"] == [str(setup / "first.jsonl"), str(setup / "second.jsonl")]
+    config["data"] = str(setup / "chains.jsonl")  # as an older train.py saved it
+    save_file(tensors, str(ckpt), metadata={"iter_num": str(iter_num), "config": json.dumps(config)})
+    assert checkpoint.read_checkpoint(ckpt)[0]["data"] == [str(setup / "chains.jsonl")]
+    train.main(["--resume", "--out", str(setup / "two-files"), "--max-iters", "3"])
+    assert json.load(open(setup / "two-files" / "train_config.json"))["data"] == [str(setup / "chains.jsonl")]
 
 
 def test_a_checkpoint_older_than_a_flag_is_one_clear_line():
