@@ -58,19 +58,19 @@ def run(cmd, done):
     subprocess.run([sys.executable] + cmd[1:], check=True)
 
 
-def evaluate_run(run_dir, path, sets, limit, name=None):
-    """evaluate.py on run_dir (or the base alone) -> its output folder."""
+def evaluate_run(run_dir, path, sets, limit, dtype, name=None):
+    """evaluate.py on run_dir (or the base alone), in dtype -> its output folder."""
     out = os.path.join(run_dir, f"eval-{name or path}")
     model = ["--adapters", run_dir, "--path", path, "--argmax", "--max-step-tokens", str(MAX_STEP_TOKENS),
              "--max-new-tokens", str(3 * MAX_STEP_TOKENS + 6)] if path else \
         ["--base", BASE, "--max-new-tokens", str(MAX_STEP_TOKENS)]  # the base's answer: the budget of a response step
     run(["python", "evaluate.py", *model, "--sets", ",".join(sets), "--limit", str(limit), "--batch-size", "32",
-         "--out", out], os.path.join(out, "summary.json"))
+         "--dtype", dtype, "--out", out], os.path.join(out, "summary.json"))
     return out
 
 
-def train_run(run_dir, flags, iters):
-    run(["python", "train.py", "--base", BASE, "--out", run_dir, "--overwrite", *flags,
+def train_run(run_dir, flags, iters, dtype):
+    run(["python", "train.py", "--base", BASE, "--out", run_dir, "--overwrite", *flags, "--dtype", dtype,
          *(["--max-iters", str(iters)] if iters else [])], os.path.join(run_dir, "adapters.safetensors"))
 
 
@@ -114,6 +114,9 @@ def main():
                    help="train.py --conclusion-weight for every run (default: train.py's, the recipe's)")
     p.add_argument("--data", nargs="+", default=[train.RECIPE_DATA],
                    help="train.py --data for every run: the chain files (default: the recipe's)")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="the base's dtype in every training and evaluation (train.py --dtype); float32 on a CPU "
+                        "with native bf16 reproduces the README's fp32 figures")
     args = p.parse_args()
     args.train_flags = [] if args.conclusion_weight is None else ["--conclusion-weight", str(args.conclusion_weight)]
     data_flags = [] if args.data == [train.RECIPE_DATA] else ["--data", *args.data]
@@ -127,14 +130,14 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     if args.holdout:
         return holdout(args)
-    rows = [("-", "base alone", "-", evaluate_run(os.path.join(args.out, "base"), None, sets, args.limit, "base"), None)]
+    rows = [("-", "base alone", "-", evaluate_run(os.path.join(args.out, "base"), None, sets, args.limit, args.dtype, "base"), None)]
     for seed in seeds:
         for v in variants:
             name, flags = VARIANTS[v]
             run_dir = os.path.join(args.out, f"{v}-s{seed}")
-            train_run(run_dir, [*flags, "--seed", seed, *args.train_flags, *data_flags], args.iters)
+            train_run(run_dir, [*flags, "--seed", seed, *args.train_flags, *data_flags], args.iters, args.dtype)
             for path in args.paths.split(",") if v == "mote" else ["auto"]:
-                rows.append((f"seed {seed}", name, path, evaluate_run(run_dir, path, sets, args.limit), run_dir))
+                rows.append((f"seed {seed}", name, path, evaluate_run(run_dir, path, sets, args.limit, args.dtype), run_dir))
     print_table(rows, sets)
     print_conclusions(rows, sets)
     print_against_single(rows, sets)
@@ -145,9 +148,9 @@ def holdout(args):
     run_dir = os.path.join(args.out, "holdout-" + "-".join(sources))
     os.makedirs(run_dir, exist_ok=True)
     kept, held = holdout_sets(args.data, sources, run_dir)
-    train_run(run_dir, ["--data", kept, *args.train_flags], args.iters)
+    train_run(run_dir, ["--data", kept, *args.train_flags], args.iters, args.dtype)
     sets = ["dev-harmful", *held[:1], "dev-benign", *held[1:]]
-    rows = [(f"without {args.holdout}", "MoTE", path, evaluate_run(run_dir, path, sets, args.limit), run_dir)
+    rows = [(f"without {args.holdout}", "MoTE", path, evaluate_run(run_dir, path, sets, args.limit, args.dtype), run_dir)
             for path in args.paths.split(",")]
     print_table(rows, sets)
     print_conclusions(rows, sets)

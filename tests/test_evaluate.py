@@ -301,11 +301,25 @@ def test_experiment_trains_each_variant_and_seed_and_evaluates_its_paths(tmp_pat
     experiment.main()
     trains = [c[c.index("--out") + 1:] for c in commands if c[1] == "train.py"]
     assert [os.path.relpath(t[0], tmp_path) for t in trains] == ["mote-s0", "single64-s0", "mote-s1", "single64-s1"]
-    assert trains[1][1:] == ["--overwrite", "--routing", "single", "--rank", "64", "--seed", "0"]
+    assert trains[1][1:] == ["--overwrite", "--routing", "single", "--rank", "64", "--seed", "0", "--dtype", "auto"]
     evals = {os.path.relpath(c[c.index("--out") + 1], tmp_path): c for c in commands if c[1] == "evaluate.py"}
     assert sorted(evals) == ["base/eval-base", "mote-s0/eval-auto", "mote-s0/eval-full", "mote-s1/eval-auto",
                              "mote-s1/eval-full", "single64-s0/eval-auto", "single64-s1/eval-auto"]
     assert all("--argmax" in c for d, c in evals.items() if d != "base/eval-base")
+
+
+@pytest.mark.parametrize("extra", [[], ["--holdout", "w4,w5"]])
+def test_experiment_runs_every_training_and_evaluation_in_the_dtype_it_is_given(tmp_path, monkeypatch, extra):
+    """--dtype float32 on a CPU with native bf16 reproduces fp32 figures: no command may fall back to auto."""
+    import experiment
+    commands = []
+    monkeypatch.setattr(experiment, "run", lambda cmd, done: commands.append(cmd))
+    for name in ("print_table", "print_against_single", "print_conclusions"):
+        monkeypatch.setattr(experiment, name, lambda rows, sets: None)
+    monkeypatch.setattr(sys, "argv", ["experiment.py", "--out", str(tmp_path), "--dtype", "float32", *extra])
+    experiment.main()
+    assert {c[1] for c in commands} == {"train.py", "evaluate.py"}
+    assert all(c[c.index("--dtype") + 1] == "float32" for c in commands)
 
 
 def test_experiment_passes_the_conclusion_weight_and_the_data_to_every_training(tmp_path, monkeypatch):
