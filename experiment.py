@@ -5,12 +5,12 @@
     python experiment.py --variants mote,single,token,no-shared,no-skip  # the ablation of Table 4
     python experiment.py --holdout w4,w5                      # the generalization check (README)
     python experiment.py --out runs/lever --conclusion-weight 5 --variants mote   # the verdict's loss weight (README)
-    python experiment.py --out runs/variety --data data/demo_chains.jsonl data/variety_chains.jsonl --variants mote
+    python experiment.py --out runs/variety --data data/demo_chains.jsonl data/variety_chains.jsonl --variants mote --dtype float32
     python experiment.py --limit 20 --iters 4 --out runs/try  # the pipeline, small
 
 Every variant trains with train.py's defaults, the recipe (the hand-written chains of
 data/demo_chains.jsonl, 1.5 epochs, lr 2e-3, batches of 8), plus the variant's flags (VARIANTS):
-the same data and budget for all (--data and --conclusion-weight change them for every run). Each model, and the base alone, is evaluated by evaluate.py
+the same data and budget for all (--data, --conclusion-weight and --dtype change them for every run). Each model, and the base alone, is evaluated by evaluate.py
 (greedy, 64 tokens a step, the offline refusal-phrase judge) on the full prompt sets (--sets):
 every variant on the plain auto path (the likeliest marker decides; a stored rule is not used),
 MoTE also forced through every step (--paths). Every rate has its count and 95% Wilson interval;
