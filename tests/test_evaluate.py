@@ -344,6 +344,26 @@ def test_experiment_passes_the_conclusion_weight_and_the_data_to_every_training(
     assert len(kept) == 1448 + 480 - 100 - 120 and {"w5", "w7"} <= {c["source"] for c in kept}
 
 
+def test_experiment_stops_on_bad_input_in_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """A chain file that cannot be read, with --holdout: one line naming the file and line, no folder
+    written; a command that fails: one line after its own message, not a traceback."""
+    import experiment
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q"}\n')
+    for data_file, says in ((bad, f"error: {bad}:1: missing or empty 'response'"), (tmp_path / "none.jsonl", "cannot read")):
+        monkeypatch.setattr(sys, "argv", ["experiment.py", "--out", str(tmp_path / "out"), "--holdout", "w4",
+                                          "--data", str(data_file)])
+        with pytest.raises(SystemExit) as stop:
+            experiment.main()
+        assert says in str(stop.value.code) and "\n" not in str(stop.value.code)
+        assert not (tmp_path / "out").exists()
+    script = tmp_path / "fails.py"
+    script.write_text("import sys; sys.exit('error: it failed')")
+    with pytest.raises(SystemExit) as stop:
+        experiment.run(["python", str(script)], str(tmp_path / "never"))
+    assert str(stop.value.code).startswith(f"error: {script} stopped (its message is above)")
+
+
 def test_experiment_holdout_trains_without_the_sources_and_evaluates_their_questions(tmp_path, monkeypatch):
     import experiment
     commands = []

@@ -1,5 +1,7 @@
 """sample.py: the sampler switches experts at step markers, forced paths emit exactly their
 markers, and batched decoding equals decoding one prompt at a time."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -199,6 +201,18 @@ def test_the_target_threshold_meets_the_targets_with_most_room():
     assert calibrate.target_threshold([0.8] * 4, [0.5] * 3 + [0.1] * 7) == 0.51  # (0.5, 0.8] meets both
 
 
+def test_calibrate_writes_each_threshold_in_its_own_field(tmp_path, monkeypatch):
+    """calibrate.py --out on the scores of the test above, where the two rules disagree: a swap of the
+    JSON's fields fails here, whatever a CPU's kernels make of a random model's scores."""
+    import calibrate
+    given = iter([[0.2] * 2 + [0.8] * 8, [0.1] * 8 + [0.3] * 2])  # main scores the harmful set, then the benign
+    monkeypatch.setattr(calibrate.sample, "load", lambda *args: (None, None))
+    monkeypatch.setattr(calibrate, "scores", lambda *args: next(given))
+    calibrate.main(["--adapters", str(tmp_path), "--out", str(tmp_path / "c.json")])
+    written = json.load(open(tmp_path / "c.json"))
+    assert (written["target_threshold"], written["best_threshold"]) == (0.2, 0.5)
+
+
 @pytest.mark.parametrize("experts", [False, True])
 def test_batch_decoding_equals_one_by_one(experts):
     model = tiny_with_experts() if experts else Transformer(ModelArgs.preset("tiny")).eval()
@@ -243,8 +257,6 @@ def test_a_bad_prompts_file_is_one_line_naming_file_and_line(tmp_path):
 
 def test_prompts_file_to_jsonl_end_to_end(tmp_path):
     """sample.py --prompts FILE --out FILE.jsonl on a random tiny base, without and with experts."""
-    import json
-
     import sample
     torch.manual_seed(0)
     base = str(tmp_path / "tiny.safetensors")
