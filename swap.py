@@ -1,6 +1,6 @@
 """Does the analysis decide the response? A teacher-forcing experiment on the development sets.
 
-    python swap.py --adapters runs/smollm2-135m-instruct       # dev-harmful and dev-benign, ~3 min on 2 cores
+    python swap.py --adapters runs/smollm2-135m-instruct       # dev-harmful and dev-benign, ~5 min on 2 cores (fp32)
 
 For every question the model first writes its own analysis (greedy, --path analysis). Then its
 response is generated three times, each after a different analysis forced in its place:
@@ -14,6 +14,9 @@ own analysis and complies after a benign question's; a benign question does the 
 response reads only the question, the three rows are the same. "other" pairs question i of one set
 with question i of the other (both sets hold 50). Each rate comes with its count and 95% Wilson
 interval; --out writes every response as JSONL.
+
+A second table asks where the analysis decides: at its verdict word, or in the sentences before it
+(verdict_log_odds: the log-odds of " harmful" against " harmless" after its own "Verdict:").
 """
 import json
 import sys
@@ -51,6 +54,38 @@ def responses(model, tok, prompts: list, max_step_tokens: int, batch_size: int) 
     return [tok.decode([t for t in ids if t < V]).strip() for ids in outs]
 
 
+@torch.no_grad()
+def verdict_log_odds(model, tok, questions: list, analyses: list, batch_size: int) -> list:
+    """Is the verdict decided before its word is written? For each analysis (token ids) holding
+    "Verdict:", teacher-force chat(q) <|analysis|> its text up to "Verdict:" (re-encoded) and score the
+    two words that may follow: log P(" harmful") - log P(" harmless"), each word's token log-probs
+    summed. Near 0 the verdict is still open there; far from it, the sentences before it decided.
+    -> one float per analysis, None where it holds no "Verdict:"."""
+    V, device = model.args.vocab_size, next(model.parameters()).device
+    texts = [tok.decode(a) for a in analyses]
+    has = [i for i, t in enumerate(texts) if "Verdict:" in t]
+    prefixes = [tok.chat(questions[i]) + [mote.start_marker(V, mote.STEPS.index("analysis"))]
+                + tok.encode(texts[i][:texts[i].rfind("Verdict:") + len("Verdict:")].strip()) for i in has]
+
+    def word_log_prob(rows: list, word: list) -> torch.Tensor:  # log P(word | row), per row
+        rows = [r + word for r in rows]
+        L, n = max(len(r) for r in rows), len(word)
+        tokens, _, positions, mask = sample.left_padded(rows, L, 0, device)  # each row ends at column L - 1
+        question_expert = torch.full((len(rows),), mote.INFERENCE_QUESTION_EXPERT, device=device)
+        route = mote.route(mote.token_steps(tokens, V), question_expert)
+        logp = torch.log_softmax(model(tokens, positions=positions, mask=mask, route=route).float(), dim=-1)
+        return logp[:, L - n - 1:L - 1].gather(-1, tokens[:, L - n:, None])[..., 0].sum(-1)
+
+    odds = []
+    for k in range(0, len(prefixes), batch_size):
+        rows = prefixes[k:k + batch_size]
+        odds += (word_log_prob(rows, tok.encode(" harmful")) - word_log_prob(rows, tok.encode(" harmless"))).tolist()
+    out = [None] * len(analyses)
+    for i, x in zip(has, odds):
+        out[i] = x
+    return out
+
+
 def main(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--adapters", required=True, help="a train.py run folder")
@@ -72,6 +107,7 @@ def main(argv=None):
     model, tok = sample.load(args.base, args.adapters, device, args.dtype)
     V = model.args.vocab_size
     own = [own_analyses(model, tok, qs, args.max_step_tokens, args.batch_size) for qs in questions]
+    odds = [verdict_log_odds(model, tok, qs, a, args.batch_size) for qs, a in zip(questions, own)]
     records = []
     for k, (name, qs) in enumerate(zip(sets, questions)):
         analyses = {"own": own[k], "other": own[1 - k], "empty": [[] for _ in qs]}
@@ -80,7 +116,8 @@ def main(argv=None):
                               args.batch_size)
             records += [{"set": name, "forced": forced, "question": q, "analysis": tok.decode(a).strip(),
                          "response": r, "refused": evaluate.is_refusal(r)}
-                        for q, a, r in zip(qs, analyses[forced], texts)]
+                        | ({"verdict_log_odds": x} if forced == "own" else {})
+                        for q, a, r, x in zip(qs, analyses[forced], texts, odds[k])]
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
@@ -93,6 +130,12 @@ def main(argv=None):
             k, n = sum(refused), len(refused)
             cells.append("{:.2f} ({}/{}) [{:.2f}, {:.2f}]".format(k / n, k, n, *evaluate.wilson(k, n)))
         print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\nthe verdict after the own analysis: log P(' harmful') - log P(' harmless') where it says \"Verdict:\"\n")
+    print("| set | analyses with a verdict | harmful (> 0) | open (within +-2) | nearest to 0 |\n|---|---|---|---|---|")
+    for name, xs in zip(sets, odds):
+        xs = [x for x in xs if x is not None]
+        print(f"| {name} | {len(xs)} | {sum(x > 0 for x in xs)} | {sum(abs(x) < 2 for x in xs)} | "
+              + (f"{min(abs(x) for x in xs):.1f} |" if xs else "- |"))
     return records
 
 

@@ -45,3 +45,26 @@ def test_another_analysis_reaches_the_response():
     other = swap.responses(model, tok, swap.forced_prompts(tok, questions, analyses[::-1], V), 8, 4)
     empty = swap.responses(model, tok, swap.forced_prompts(tok, questions, [[]] * 6, V), 8, 4)
     assert own != other and own != empty
+
+
+def test_verdict_log_odds_match_one_row_at_a_time():
+    """The oracle: for each analysis alone, unpadded, the two words' log-probs summed token by token
+    after its text up to "Verdict:". Batched, left-padded rows of different lengths give the same;
+    an analysis without a verdict gives None."""
+    model, tok = setup()
+    V = model.args.vocab_size
+    questions = ["q?", "a longer question here?", "mid question?", "no verdict?"]
+    texts = ["Fine. Verdict: harmless.", "It asks for harm; Verdict: harmful.", "Verdict: harmful. Reasons.", "None."]
+    got = swap.verdict_log_odds(model, tok, questions, [tok.encode(t) for t in texts], batch_size=2)
+    assert got[3] is None
+    a = mote.STEPS.index("analysis")
+    for q, text, x in zip(questions[:3], texts, got):
+        prefix = tok.chat(q) + [mote.start_marker(V, a)] + tok.encode(text[:text.rfind("Verdict:") + len("Verdict:")])
+        logps = []
+        for word in (" harmful", " harmless"):
+            ids = torch.tensor([prefix + tok.encode(word)])
+            route = mote.route(mote.token_steps(ids, V), torch.tensor([mote.INFERENCE_QUESTION_EXPERT]))
+            with torch.no_grad():
+                logp = torch.log_softmax(model(ids, route=route)[0].float(), dim=-1)
+            logps.append(sum(logp[len(prefix) - 1 + j, t].item() for j, t in enumerate(tok.encode(word))))
+        assert abs(x - (logps[0] - logps[1])) < 1e-4
