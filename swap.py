@@ -23,6 +23,7 @@ import sys
 
 import torch
 
+import calibrate
 import cli
 import evaluate
 import mote
@@ -54,32 +55,24 @@ def responses(model, tok, prompts: list, max_step_tokens: int, batch_size: int) 
     return [tok.decode([t for t in ids if t < V]).strip() for ids in outs]
 
 
-@torch.no_grad()
 def verdict_log_odds(model, tok, questions: list, analyses: list, batch_size: int) -> list:
     """Is the verdict decided before its word is written? For each analysis (token ids) holding
     "Verdict:", teacher-force chat(q) <|analysis|> its text up to "Verdict:" (re-encoded) and score the
     two words that may follow: log P(" harmful") - log P(" harmless"), each word's token log-probs
-    summed. Near 0 the verdict is still open there; far from it, the sentences before it decided.
-    -> one float per analysis, None where it holds no "Verdict:"."""
-    V, device = model.args.vocab_size, next(model.parameters()).device
+    summed (calibrate.last_logits: routed as at inference). Near 0 the verdict is still open there;
+    far from it, the sentences before it decided. -> one float per analysis, None where it holds no
+    "Verdict:"."""
+    V = model.args.vocab_size
     texts = [tok.decode(a) for a in analyses]
     has = [i for i, t in enumerate(texts) if "Verdict:" in t]
     prefixes = [tok.chat(questions[i]) + [mote.start_marker(V, mote.STEPS.index("analysis"))]
                 + tok.encode(texts[i][:texts[i].rfind("Verdict:") + len("Verdict:")].strip()) for i in has]
 
-    def word_log_prob(rows: list, word: list) -> torch.Tensor:  # log P(word | row), per row
-        rows = [r + word for r in rows]
-        L, n = max(len(r) for r in rows), len(word)
-        tokens, _, positions, mask = sample.left_padded(rows, L, 0, device)  # each row ends at column L - 1
-        question_expert = torch.full((len(rows),), mote.INFERENCE_QUESTION_EXPERT, device=device)
-        route = mote.route(mote.token_steps(tokens, V), question_expert)
-        logp = torch.log_softmax(model(tokens, positions=positions, mask=mask, route=route).float(), dim=-1)
-        return logp[:, L - n - 1:L - 1].gather(-1, tokens[:, L - n:, None])[..., 0].sum(-1)
+    def log_prob(word: list) -> torch.Tensor:  # log P(word | prefix), per prefix, token by token
+        return sum(torch.log_softmax(calibrate.last_logits(model, [r + word[:j] for r in prefixes], batch_size), -1)[:, t]
+                   for j, t in enumerate(word))
 
-    odds = []
-    for k in range(0, len(prefixes), batch_size):
-        rows = prefixes[k:k + batch_size]
-        odds += (word_log_prob(rows, tok.encode(" harmful")) - word_log_prob(rows, tok.encode(" harmless"))).tolist()
+    odds = (log_prob(tok.encode(" harmful")) - log_prob(tok.encode(" harmless"))).tolist() if has else []
     out = [None] * len(analyses)
     for i, x in zip(has, odds):
         out[i] = x
