@@ -77,12 +77,13 @@ def with_experts(model, cfg=mote.ExpertConfig()):
 
 def chain_batch(args, batch, seq, device):
     """A batch of random chains as train.py sees them (data.collate's tokens, targets, valid,
-    conclusion): question, analysis, guidance, response."""
+    conclusion, harmful): question, analysis, guidance, response."""
     tokens = torch.randint(0, args.vocab_size, (batch, seq), device=device)
     for step, at in enumerate((seq // 4, seq // 2, 3 * seq // 4)):
         tokens[:, at] = mote.start_marker(args.vocab_size, step)
     targets = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -100)], dim=1)
-    return tokens, targets, torch.ones_like(tokens, dtype=torch.bool), torch.zeros_like(tokens, dtype=torch.bool)
+    none = torch.zeros_like(tokens, dtype=torch.bool)
+    return tokens, targets, torch.ones_like(tokens, dtype=torch.bool), none, none
 
 
 def train_step_fn(model, batch, dtype, device):

@@ -88,30 +88,34 @@ def conclusion(analysis: str) -> str | None:
 
 
 def encode_chain(tok, chain: dict, base_vocab: int):
-    """A chain -> (tokens, targets, conclusion), lists (METHOD.md sec. 2):
+    """A chain -> (tokens, targets, conclusion, harmful), lists (METHOD.md sec. 2):
 
         chat(question) <|analysis|> analysis <|/analysis|> ... <|response|> response <|/response|> <eot>
 
     targets[t] is the token t must predict, or -100: the question and chat template are never
     learned; every step token, every marker and the closing end-of-turn are. conclusion[t] is True
     where targets[t] is a token of the analysis's last sentence (train.py --conclusion-weight);
-    all False when the tokenizer merges that sentence into the one before it."""
+    all False when the tokenizer merges that sentence into the one before it. harmful[t] is True
+    where targets[t] is a token of the text of an analysis that concludes harmful (train.py
+    --harmful-weight; not its markers)."""
     prompt = tok.chat(chain["question"])
-    tokens, conclusion = list(prompt), []
+    tokens, verdict, harmful = list(prompt), [], []  # the positions of the conclusion's tokens, of a harmful analysis's
     for step, key in enumerate(STEP_KEYS):
         if chain.get(key, "").strip():
             text = tok.encode(chain[key].strip())
             tokens += [mote.start_marker(base_vocab, step), *text, mote.end_marker(base_vocab, step)]
             if key == "analysis":
+                end = len(tokens) - 1  # the end marker's index: the text, and its conclusion, come just before it
+                if conclusion(chain[key]) == "harmful":
+                    harmful = range(end - len(text), end)
                 last = tok.encode(last_sentence(chain[key]))
-                end = len(tokens) - 1  # the end marker's index: the conclusion comes just before it
                 for n in (len(last), len(last) + 1):  # the sentence, with or without its leading space
                     if n <= len(text) and tok.decode(text[-n:]).strip() == last_sentence(chain[key]):
-                        conclusion = range(end - n, end)
+                        verdict = range(end - n, end)
                         break
     tokens.append(tok.eot_id)
     targets = [tokens[t + 1] if t + 1 >= len(prompt) else -100 for t in range(len(tokens) - 1)] + [-100]
-    return tokens, targets, [t + 1 in conclusion for t in range(len(tokens))]
+    return tokens, targets, [t + 1 in verdict for t in range(len(tokens))], [t + 1 in harmful for t in range(len(tokens))]
 
 
 def encode_chains(tok, chains: list, base_vocab: int, max_len: int):
@@ -123,17 +127,16 @@ def encode_chains(tok, chains: list, base_vocab: int, max_len: int):
 
 
 def collate(encoded: list, pad_id: int):
-    """Right-pad a list of (tokens, targets, conclusion) -> tokens, targets (B, T) long, valid (B, T)
-    bool and conclusion (B, T) bool."""
+    """Right-pad a list of (tokens, targets, conclusion, harmful) -> tokens, targets (B, T) long,
+    valid, conclusion and harmful (B, T) bool."""
     T = max(len(t) for t, *_ in encoded)
     tokens = torch.full((len(encoded), T), pad_id, dtype=torch.long)
     targets = torch.full((len(encoded), T), -100, dtype=torch.long)
-    valid = torch.zeros(len(encoded), T, dtype=torch.bool)
-    conclusion = torch.zeros(len(encoded), T, dtype=torch.bool)
-    for i, (tk, tg, c) in enumerate(encoded):
+    valid, conclusion, harmful = (torch.zeros(len(encoded), T, dtype=torch.bool) for _ in range(3))
+    for i, (tk, tg, c, h) in enumerate(encoded):
         tokens[i, : len(tk)], targets[i, : len(tg)], valid[i, : len(tk)] = torch.tensor(tk), torch.tensor(tg), True
-        conclusion[i, : len(c)] = torch.tensor(c, dtype=torch.bool)
-    return tokens, targets, valid, conclusion
+        conclusion[i, : len(c)], harmful[i, : len(h)] = torch.tensor(c, dtype=torch.bool), torch.tensor(h, dtype=torch.bool)
+    return tokens, targets, valid, conclusion, harmful
 
 
 def hh_questions(path: str) -> list:

@@ -5,12 +5,14 @@
     python experiment.py --variants mote,single,token,no-shared,no-skip  # the ablation of Table 4
     python experiment.py --holdout w4,w5                      # the generalization check (README)
     python experiment.py --out runs/lever --conclusion-weight 5 --variants mote   # the verdict's loss weight (README)
+    python experiment.py --out runs/harmful3 --harmful-weight 3 --variants mote --seeds 2 --dtype float32  # RESULTS.md
     python experiment.py --out runs/variety --data data/demo_chains.jsonl data/variety_chains.jsonl --variants mote --dtype float32
     python experiment.py --limit 20 --iters 4 --out runs/try  # the pipeline, small
 
 Every variant trains with train.py's defaults, the recipe (the hand-written chains of
 data/demo_chains.jsonl, 1.5 epochs, lr 2e-3, batches of 8), plus the variant's flags (VARIANTS): the
-same data and budget for all (--data, --conclusion-weight and --dtype change them for every run).
+same data and budget for all (--data, --conclusion-weight, --harmful-weight and --dtype change them
+for every run).
 Each model, and the base alone, is evaluated by evaluate.py (greedy, 64 tokens a step, the offline
 refusal-phrase judge) on the full prompt sets (--sets): every variant on the plain auto path (the
 likeliest marker decides; a stored rule is not used), MoTE also forced through every step (--paths).
@@ -118,13 +120,16 @@ def main():
     p.add_argument("--holdout", help="comma-separated chain sources to hold out of training (the generalization check)")
     p.add_argument("--conclusion-weight", type=cli.positive,
                    help="train.py --conclusion-weight for every run (default: train.py's, the recipe's)")
+    p.add_argument("--harmful-weight", type=cli.positive,
+                   help="train.py --harmful-weight for every run (default: train.py's, the recipe's)")
     p.add_argument("--data", nargs="+", default=[train.RECIPE_DATA],
                    help="train.py --data for every run: the chain files (default: the recipe's)")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="the base's dtype in every training and evaluation (train.py --dtype); float32 on a CPU "
                         "with native bf16 reproduces the README's fp32 figures")
     args = p.parse_args()
-    args.train_flags = [] if args.conclusion_weight is None else ["--conclusion-weight", str(args.conclusion_weight)]
+    args.train_flags = [f for name, value in (("--conclusion-weight", args.conclusion_weight), ("--harmful-weight", args.harmful_weight))
+                        if value is not None for f in (name, str(value))]
     data_flags = [] if args.data == [train.RECIPE_DATA] else ["--data", *args.data]
     variants, seeds, sets = args.variants.split(","), args.seeds.split(","), args.sets.split(",")
     if any(v not in VARIANTS for v in variants):

@@ -7,8 +7,8 @@ Every iteration (one optimizer step): draw a question expert and a step-drop pat
 build the skipping mask and positions (mote.skip_mask), route every token to its step's expert
 (mote.route), and take the next-token loss on the steps and markers only. The loss is the mean over
 every learned token of the iteration's --batch-size chains, however they are split into
---micro-batch passes (--conclusion-weight weighs the analysis's last sentence more). Only the experts
-and marker rows train (AdamW, fp32), with warmup + cosine decay, gradient clipping, and bf16
+--micro-batch passes (--conclusion-weight weighs the analysis's last sentence more, --harmful-weight
+every analysis that concludes harmful). Only the experts and marker rows train (AdamW, fp32), with warmup + cosine decay, gradient clipping, and bf16
 autocast when the base is bf16 (model.resolve_dtype). Writes
 DIR/adapters.safetensors (the experts, for sample.py), DIR/checkpoint.safetensors (everything
 --resume needs; no pickle), DIR/metrics.jsonl (one record per iteration, "iter") and its picture
@@ -72,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--conclusion-weight", type=cli.positive, default=1.0,
                    help="loss weight of the tokens of the analysis's last sentence, its verdict (1: every token counts "
                    "once, the paper's plain mean)")
+    p.add_argument("--harmful-weight", type=cli.positive, default=1.0,
+                   help="loss weight of the text of every analysis that concludes harmful (1: the paper's plain mean)")
     p.add_argument("--balance-coef", type=cli.nonnegative, default=0.01, help="load-balancing loss weight (--routing token)")
     p.add_argument("--max-len", type=cli.positive_int, default=1024, help="longer chains are dropped and counted")
     p.add_argument("--val-frac", type=cli.fraction, default=0.1, help="share of chains held out for validation")
@@ -146,12 +148,13 @@ def pass_targets(batch, base_vocab, dropped):
 
 def chain_loss(model, batch, base_vocab, question_expert, dropped):
     """One forward pass of MoTE training over a padded batch -> (per-token losses (N,), the step of
-    each (N,), whether each is a token of the analysis's conclusion (N,), the balance loss of a
-    token-gated baseline (0 for MoTE)); N: the learned positions.
+    each (N,), whether each is a token of the analysis's conclusion (N,) and of an analysis that
+    concludes harmful (N,), the balance loss of a token-gated baseline (0 for MoTE)); N: the learned
+    positions.
 
     question_expert (B,) and dropped (B, 3) are the random draws (mote.draw_question_experts,
     mote.draw_drops); pass INFERENCE_QUESTION_EXPERT and no drops to evaluate."""
-    tokens, _, valid, conclusion = batch
+    tokens, _, valid, conclusion, harmful = batch
     steps, targets = pass_targets(batch, base_vocab, dropped)
     mask = positions = None  # nothing dropped: plain causal attention (its fast path); right padding
     if dropped.any():        # comes after every real token, so no real token can see it
@@ -162,7 +165,8 @@ def chain_loss(model, batch, base_vocab, question_expert, dropped):
     target_steps = torch.where(opened != mote.QUESTION, opened, steps)
     balance = mote.balance_loss(model, valid & (steps != mote.QUESTION))  # over the chains' own tokens
     learned = targets != -100
-    return chunked_token_losses(model.lm_head, hidden, targets), target_steps[learned], conclusion[learned], balance
+    return (chunked_token_losses(model.lm_head, hidden, targets), target_steps[learned], conclusion[learned], harmful[learned],
+            balance)
 
 
 def per_step(losses, steps):
@@ -184,7 +188,7 @@ def validation_loss(model, dataset, pad_id, base_vocab, micro, device, dtype):
         batch = [t.to(device) for t in data.collate(dataset[i:i + micro], pad_id)]
         B = batch[0].shape[0]
         with autocast(device, dtype):
-            losses, steps, _, _ = chain_loss(model, batch, base_vocab, torch.full((B,), mote.INFERENCE_QUESTION_EXPERT, device=device),
+            losses, steps, *_ = chain_loss(model, batch, base_vocab, torch.full((B,), mote.INFERENCE_QUESTION_EXPERT, device=device),
                                              torch.zeros(B, 3, dtype=torch.bool, device=device))
         sums += per_step(losses, steps)
         counts += torch.bincount(steps.cpu(), minlength=3).float()
@@ -193,14 +197,15 @@ def validation_loss(model, dataset, pad_id, base_vocab, micro, device, dtype):
         {"val_loss": (sums.sum() / counts.sum()).item() if counts.sum() else None}
 
 
-def token_weights(conclusion, conclusion_weight):
+def token_weights(conclusion, harmful, conclusion_weight, harmful_weight):
     """The weight of each learned token in the loss: conclusion_weight for a token of the analysis's
-    conclusion ("Verdict: harmful."), 1 for every other (1 everywhere: the paper's plain mean)."""
-    return 1 + (conclusion_weight - 1) * conclusion.float()
+    conclusion ("Verdict: harmful."), times harmful_weight for a token of an analysis that concludes
+    harmful, 1 for every other (1 everywhere: the paper's plain mean)."""
+    return (1 + (conclusion_weight - 1) * conclusion.float()) * (1 + (harmful_weight - 1) * harmful.float())
 
 
 def train_iteration(model, chains, base_vocab, pad_id, micro_batch, question_expert, dropped, balance_coef, device, dtype,
-                    conclusion_weight=1.0):
+                    conclusion_weight=1.0, harmful_weight=1.0):
     """Forward and backward over one iteration's chains, micro_batch chains per pass. The gradient is
     that of the weighted mean loss over every token learned in the iteration (token_weights; and of
     the balance loss, each pass weighted by its share of that weight), whatever micro_batch is: each
@@ -214,14 +219,15 @@ def train_iteration(model, chains, base_vocab, pad_id, micro_batch, question_exp
     for i in range(0, len(chains), micro_batch):
         batch = [t.to(device) for t in data.collate(chains[i:i + micro_batch], pad_id)]
         _, targets = pass_targets(batch, base_vocab, dropped[i:i + micro_batch])
-        weight = token_weights(batch[3][targets != -100], conclusion_weight).sum().item()
+        learned = targets != -100
+        weight = token_weights(batch[3][learned], batch[4][learned], conclusion_weight, harmful_weight).sum().item()
         passes.append((batch, question_expert[i:i + micro_batch], dropped[i:i + micro_batch], weight))
     total = parallel.all_sum(torch.tensor(float(sum(w for *_, w in passes)))).item()
     sums, counts, n_tokens = torch.zeros(3, dtype=torch.float64), torch.zeros(3), torch.zeros(())
     for batch, qexp, drop, _ in passes:
         with autocast(device, dtype):
-            losses, steps, conclusion, balance = chain_loss(model, batch, base_vocab, qexp, drop)
-            weights = token_weights(conclusion, conclusion_weight)
+            losses, steps, conclusion, harmful, balance = chain_loss(model, batch, base_vocab, qexp, drop)
+            weights = token_weights(conclusion, harmful, conclusion_weight, harmful_weight)
             loss = ((losses * weights).sum() + balance_coef * balance * weights.sum()) / max(total, 1)
         loss.backward()
         sums += per_step(losses.detach(), steps)
@@ -319,7 +325,8 @@ def main(argv=None):
         qexp = mote.draw_question_experts(len(chosen), rng, device, fixed=args.question_expert == "analysis")
         dropped = mote.draw_drops(len(chosen), args.skip_p, rng, device)
         sums, counts, n_tokens = train_iteration(model, chosen, V, pad, args.micro_batch, qexp, dropped,
-                                                 args.balance_coef, device, dtype, args.conclusion_weight)
+                                                 args.balance_coef, device, dtype, args.conclusion_weight,
+                                                 args.harmful_weight)
         loss = (sums.sum() / counts.sum()).item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip).item()
         stuck = check_progress(args, loss, grad_norm, iter_num, saved, stuck, V, bar)

@@ -65,7 +65,7 @@ def test_train_py_reports_bad_data_in_one_line(tmp_path):
 
 def test_chain_encoding_layout_and_labels():
     chain = {"question": "Hi?", "analysis": "risk", "response": "ok", "check": "safe"}
-    tokens, targets, conclusion = encode_chain(TOK, chain, V)
+    tokens, targets, conclusion, harmful = encode_chain(TOK, chain, V)
     prompt = TOK.chat("Hi?")
     A, A_, R, R_ = V, V + 1, V + 4, V + 5
     assert tokens == prompt + [A, *TOK.encode("risk"), A_, R, *TOK.encode("ok"), R_, TOK.eot_id]
@@ -76,6 +76,7 @@ def test_chain_encoding_layout_and_labels():
     assert steps == [mote.QUESTION] * len(prompt) + [0] * 6 + [2] * 5
     assert TOK.decode(tokens[len(prompt):]) == "<|analysis|>risk<|/analysis|><|response|>ok<|/response|><|eot|>"
     assert [tokens[t + 1] for t, c in enumerate(conclusion) if c] == TOK.encode("risk")  # one sentence: all of it
+    assert not any(harmful)  # no verdict: not an analysis that concludes harmful
 
 
 @pytest.mark.parametrize("analysis,sentence", [
@@ -85,10 +86,12 @@ def test_chain_encoding_layout_and_labels():
 ])
 def test_the_conclusion_is_the_analysis_last_sentence(analysis, sentence):
     chain = {"question": "q", "analysis": analysis, "guidance": "Answer. Verdict: no.", "response": "ok."}
-    tokens, targets, conclusion = encode_chain(TOK, chain, V)
+    tokens, targets, conclusion, harmful = encode_chain(TOK, chain, V)
     marked = [t for t, c in enumerate(conclusion) if c]
     assert TOK.decode([targets[t] for t in marked]) == sentence  # and the token after it is </a>
     assert marked == list(range(marked[0], marked[-1] + 1)) and targets[marked[-1] + 1] == V + 1
+    analysis_text = [targets[t] for t, h in enumerate(harmful) if h]  # the whole text, no marker, or nothing
+    assert analysis_text == (TOK.encode(analysis.strip()) if sentence == "Verdict: harmful." else [])
 
 
 def test_the_recipe_chains_mark_their_verdict_with_a_real_tokenizer():
@@ -97,7 +100,7 @@ def test_the_recipe_chains_mark_their_verdict_with_a_real_tokenizer():
     bpe = hf_tokenizer(os.path.join(os.path.dirname(__file__), "fixtures", "tiny_tokenizer.json"))
     tok = bpe.with_special_tokens(mote.marker_tokens(bpe.n_vocab))
     for c in (c for c in read_chains(DEMO) if c.get("analysis")):
-        tokens, targets, conclusion = encode_chain(tok, c, bpe.n_vocab)
+        tokens, targets, conclusion, _ = encode_chain(tok, c, bpe.n_vocab)
         assert tok.decode([targets[t] for t, f in enumerate(conclusion) if f]).strip() == \
             c["analysis"][c["analysis"].rindex("Verdict:"):].strip()
 
@@ -111,10 +114,10 @@ def test_long_chains_are_dropped_and_counted():
 
 def test_collate_pads_on_the_right():
     a, b = encode_chain(TOK, {"question": "q", "response": "a"}, V), encode_chain(TOK, {"question": "q", "response": "abc"}, V)
-    tokens, targets, valid, conclusion = collate([a, b], pad_id=TOK.eot_id)
+    tokens, targets, valid, conclusion, harmful = collate([a, b], pad_id=TOK.eot_id)
     assert tokens.shape == (2, len(b[0])) and valid.sum(1).tolist() == [len(a[0]), len(b[0])]
     assert (targets[0, len(a[0]):] == -100).all() and tokens[0, :len(a[0])].tolist() == a[0]
-    assert conclusion.shape == (2, len(b[0])) and not conclusion.any()  # no analysis: nothing marked
+    assert conclusion.shape == harmful.shape == (2, len(b[0])) and not (conclusion | harmful).any()  # no analysis
 
 
 def test_hh_questions_first_human_turn_deduplicated(tmp_path):

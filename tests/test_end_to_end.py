@@ -38,8 +38,8 @@ def tiny_runs(d, variants: dict, flags: list):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One bf16 training run per variant (MoTE with --checkpointing and a conclusion weight)."""
-    variants = {name: flags + (["--checkpointing", "--conclusion-weight", "3"] if name == "mote" else [])
+    """One bf16 training run per variant (MoTE with --checkpointing and both loss weights)."""
+    variants = {name: flags + (["--checkpointing", "--conclusion-weight", "3", "--harmful-weight", "2"] if name == "mote" else [])
                 for name, flags in VARIANTS.items()}
     return tiny_runs(tmp_path_factory.mktemp("e2e"), variants, BF16)
 

@@ -323,8 +323,8 @@ def test_experiment_runs_every_training_and_evaluation_in_the_dtype_it_is_given(
     assert all(c[c.index("--dtype") + 1] == "float32" for c in runs)
 
 
-def test_experiment_passes_the_conclusion_weight_and_the_data_to_every_training(tmp_path, monkeypatch):
-    """--conclusion-weight goes to every training; so do --data's files, except to the holdout's,
+def test_experiment_passes_the_loss_weights_and_the_data_to_every_training(tmp_path, monkeypatch):
+    """--conclusion-weight and --harmful-weight go to every training; so do --data's files, except to the holdout's,
     which trains on those files' chains less the held-out sources."""
     import experiment
     commands = []
@@ -334,10 +334,11 @@ def test_experiment_passes_the_conclusion_weight_and_the_data_to_every_training(
     files = [os.path.join(DATA, "demo_chains.jsonl"), os.path.join(DATA, "variety_chains.jsonl")]
     for extra in (["--variants", "mote,single"], ["--holdout", "w4,w6"]):
         monkeypatch.setattr(sys, "argv", ["experiment.py", "--out", str(tmp_path), "--conclusion-weight", "1",
-                                          "--data", *files, *extra])
+                                          "--harmful-weight", "3", "--data", *files, *extra])
         experiment.main()
     trains = [c for c in commands if c[1] == "train.py"]
     assert len(trains) == 3 and all(c[c.index("--conclusion-weight") + 1] == "1.0" for c in trains)
+    assert all(c[c.index("--harmful-weight") + 1] == "3.0" for c in trains)
     assert [c[c.index("--data") + 1:c.index("--data") + 3] for c in trains[:2]] == [files, files]
     kept = [json.loads(line) for line in open(tmp_path / "holdout-w4-w6" / "chains.jsonl")]
     assert trains[2][trains[2].index("--data") + 1] == str(tmp_path / "holdout-w4-w6" / "chains.jsonl")

@@ -6,6 +6,7 @@ that share no code with it:
     activation checkpointing on and off;
   * the gradient of an iteration does not depend on how its chains are split into micro-batches;
   * --conclusion-weight weighs the tokens of the analysis's last sentence, and only those;
+    --harmful-weight the text of an analysis that concludes harmful, and only that;
   * each ablation flag changes exactly what it names (mixing table, drop rate, expert count)."""
 import itertools
 import json
@@ -66,7 +67,7 @@ def without(chain: dict, blocks) -> dict:
 def plain_losses(model, chain: dict, question_expert: int):
     """Per-position next-token losses of a chain run alone, causal, default positions, no mask ->
     (losses (T,), learned (T,) bool)."""
-    tokens, targets, _ = (torch.tensor([x]) for x in data.encode_chain(TOK, chain, V))
+    tokens, targets, *_ = (torch.tensor([x]) for x in data.encode_chain(TOK, chain, V))
     route = mote.route(mote.token_steps(tokens, V), torch.tensor([question_expert]))
     logits = model(tokens, route=route)[0].float()
     return F.cross_entropy(logits, targets[0].clamp(min=0), reduction="none"), targets[0] != -100
@@ -148,35 +149,46 @@ def test_the_iteration_loss_is_the_mean_over_learned_tokens_for_every_drop_patte
             torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
-def conclusion_flags(chain: dict):
+def weight_flags(chain: dict):
     """Whether each learned token of oracle_losses (block by block) is in the analysis's last
-    sentence, found from the texts alone: the analysis block is <a> text </a>, and the sentence's
-    tokens are the last ones of its text."""
+    sentence, and whether it is in the text of an analysis that concludes harmful, found from the
+    texts alone: the analysis block is <a> text </a>, and the sentence's tokens are the last ones of
+    its text."""
     last = len(TOK.encode(chain["analysis"].split(". ")[-1])) if chain.get("analysis") else 0
-    flags = []
+    harmful = chain.get("analysis", "").endswith("Verdict: harmful.")
+    conclusion, in_harmful = [], []
     for block, first, end in block_ranges(chain):
         n_learned = 1 if block == "question" else end - first - (block == "response")  # eot: -100
-        in_sentence = [block == "analysis" and end - 1 - last <= t < end - 1 for t in range(first + 1, end + 1)]
-        flags += in_sentence[:n_learned] if block != "question" else [False]
-    return torch.tensor(flags)
+        positions = range(first + 1, end + 1)[:n_learned]  # the position of each learned target
+        conclusion += [block == "analysis" and end - 1 - last <= t < end - 1 for t in positions]
+        in_harmful += [block == "analysis" and harmful and first < t < end - 1 for t in positions]
+    return torch.tensor(conclusion), torch.tensor(in_harmful)
 
 
-@pytest.mark.parametrize("weight,checkpointing", [(1.0, False), (5.0, False), (5.0, True)])
-def test_the_conclusion_weight_weighs_the_analysis_last_sentence(weight, checkpointing):
-    """With --conclusion-weight w the iteration's loss is the weighted mean sum(w_i l_i) / sum(w_i),
-    w_i = w on the tokens of "Verdict: harmless." (predicted by the token before each) and 1
-    elsewhere, for every drop pattern, against oracle_losses and flags found from the texts."""
+# the first chain concluding harmful: both weights, one on the other's tokens
+WEIGHED = [{**CHAINS[0], "analysis": "Lock picking. Verdict: harmful."}, *CHAINS[1:]]
+
+
+@pytest.mark.parametrize("weight,harmful_weight,checkpointing", [(1.0, 1.0, False), (5.0, 1.0, False), (5.0, 1.0, True),
+                                                                 (1.0, 3.0, False), (5.0, 3.0, True)])
+def test_the_loss_weights_weigh_the_conclusion_and_the_harmful_analyses(weight, harmful_weight, checkpointing):
+    """With --conclusion-weight w and --harmful-weight h the iteration's loss is the weighted mean
+    sum(w_i l_i) / sum(w_i), w_i = w on the tokens of each analysis's last sentence (predicted by the
+    token before each), times h on the text of the analysis that ends "Verdict: harmful." (not its
+    markers), 1 elsewhere, for every drop pattern, against oracle_losses and flags found from the
+    texts."""
     dropped = torch.tensor([[s in d for s in mote.STEPS] for d in PATTERNS])
     qexp = torch.tensor([1, 2, 0, 1])
     model = tiny_model()
     model.checkpointing = checkpointing
-    train.train_iteration(model, [data.encode_chain(TOK, c, V) for c in CHAINS], V, TOK.eot_id, 2, qexp, dropped,
-                          0.0, "cpu", torch.float32, conclusion_weight=weight)
+    train.train_iteration(model, [data.encode_chain(TOK, c, V) for c in WEIGHED], V, TOK.eot_id, 2, qexp, dropped,
+                          0.0, "cpu", torch.float32, conclusion_weight=weight, harmful_weight=harmful_weight)
     oracle = tiny_model()
-    losses = torch.cat([oracle_losses(oracle, c, d, int(q)) for c, d, q in zip(CHAINS, PATTERNS, qexp)])
-    flags = torch.cat([conclusion_flags(c) for c in CHAINS])
-    assert flags.sum() == len("Verdict: harmless.") + len("Benign.")  # byte tokens; one-sentence analyses: all
-    w = torch.where(flags, weight, 1.0)
+    losses = torch.cat([oracle_losses(oracle, c, d, int(q)) for c, d, q in zip(WEIGHED, PATTERNS, qexp)])
+    conclusion, harmful = (torch.cat(f) for f in zip(*[weight_flags(c) for c in WEIGHED]))
+    assert conclusion.sum() == len("Verdict: harmful.") + len("Benign.")  # byte tokens; one-sentence analyses: all
+    assert harmful.sum() == len("Lock picking. Verdict: harmful.")
+    w = torch.where(conclusion, weight, 1.0) * torch.where(harmful, harmful_weight, 1.0)
     ((losses * w).sum() / w.sum()).backward()
     for (name, p), q in zip(model.named_parameters(), oracle.parameters()):
         if p.requires_grad:

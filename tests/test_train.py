@@ -78,9 +78,10 @@ def test_resume_continues_the_same_run(setup, monkeypatch):
 
 def test_resume_needs_only_out_and_may_extend_max_iters(setup):
     """--resume --out DIR takes every flag from the run's config (the tiny base, its data, its lr, its
-    conclusion weight); a larger --max-iters extends the run; resuming a finished run without one is
+    loss weights); a larger --max-iters extends the run; resuming a finished run without one is
     one line."""
-    run(setup, "extend", "--max-iters", "4", "--save-every", "2", "--conclusion-weight", "4")
+    run(setup, "extend", "--max-iters", "4", "--save-every", "2", "--conclusion-weight", "4",
+        "--harmful-weight", "2")
     with pytest.raises(SystemExit, match=r"holds 4 iterations, the whole run; give --max-iters above 4"):
         train.main(["--resume", "--out", str(setup / "extend")])
     train.main(["--resume", "--out", str(setup / "extend"), "--max-iters", "6"])
@@ -88,7 +89,7 @@ def test_resume_needs_only_out_and_may_extend_max_iters(setup):
     assert [r["iter"] for r in log] == list(range(7)) and log[-1]["lr"] < 3e-3
     config = json.load(open(setup / "extend" / "train_config.json"))
     assert config["lr"] == 3e-3 and config["max_iters"] == 6 and config["base_abspath"] == str(setup / "tiny.safetensors")
-    assert config["conclusion_weight"] == 4
+    assert config["conclusion_weight"] == 4 and config["harmful_weight"] == 2
 
 
 def test_the_run_folder_defaults_to_runs_and_the_base_name(setup, monkeypatch, tmp_path):
@@ -108,7 +109,7 @@ def test_train_py_with_only_a_base_starts_the_recipe(setup, monkeypatch, tmp_pat
     assert "data: 1448 chains" in out and "training 1 iterations of 8 chains into runs/tiny" in out
     config = json.load(open(tmp_path / "runs" / "tiny" / "train_config.json"))
     assert config["data"] == [train.RECIPE_DATA] and config["lr"] == 2e-3 and config["epochs"] == train.RECIPE_EPOCHS
-    assert config["conclusion_weight"] == 1
+    assert config["conclusion_weight"] == config["harmful_weight"] == 1
     assert os.path.exists(tmp_path / "runs" / "tiny" / "adapters.safetensors")
 
 
