@@ -18,6 +18,10 @@ from safetensors.torch import save_file
 import mote
 
 RESUME_FREE = ("resume", "overwrite", "out", "save_every", "eval_every", "max_iters", "base_abspath", "expert_config")
+# flags newer than some saved runs, with the value such a run trained with: a loss weight of 1 is the
+# plain mean, so a run saved before the flag resumes as if saved with it (any other flag newer than a
+# checkpoint, e.g. --question-expert, changed what the older train.py did: no value can stand for it)
+NEUTRAL_WHEN_ABSENT = {"conclusion_weight": 1.0, "harmful_weight": 1.0}
 RUN_FILES = ("metrics.jsonl", "checkpoint.safetensors", "adapters.safetensors", "loss.svg")  # a folder holding one holds a run
 
 
@@ -36,7 +40,8 @@ def check_out(args, ckpt):
 
 def check_resume(saved: dict, config: dict, path: str):
     """A resumed run must be the same run: raise ValueError naming path and every flag that differs
-    (a flag newer than the checkpoint included: its run trained without it)."""
+    (a flag newer than the checkpoint included: its run trained without it; NEUTRAL_WHEN_ABSENT)."""
+    saved = NEUTRAL_WHEN_ABSENT | saved
     newer = sorted(k for k in config if k not in saved and k not in RESUME_FREE)
     if newer:
         raise ValueError(f"{path}: written before --{newer[0].replace('_', '-')} existed, so it cannot be resumed with "

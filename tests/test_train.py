@@ -144,6 +144,15 @@ def test_a_checkpoint_older_than_a_flag_is_one_clear_line():
         checkpoint.check_resume(saved, saved | {"question_expert": "analysis"}, "ckpt")
 
 
+def test_a_checkpoint_older_than_a_loss_weight_resumes_at_the_plain_mean():
+    """A run saved before --harmful-weight (or --conclusion-weight) existed trained with the plain mean:
+    it resumes at weight 1, and only at weight 1."""
+    saved = {"lr": 1e-3, "routing": "step"}
+    checkpoint.check_resume(saved, saved | {"harmful_weight": 1.0, "conclusion_weight": 1.0}, "ckpt")
+    with pytest.raises(ValueError, match=r"^ckpt: --resume with flags that differ from the checkpoint's: --harmful-weight 1.0 -> 3.0"):
+        checkpoint.check_resume(saved, saved | {"harmful_weight": 3.0}, "ckpt")
+
+
 def test_max_len_beyond_the_context_is_a_clear_error(setup):
     with pytest.raises(SystemExit, match=r"--max-len 2000 is longer than the model's context \(1024 tokens\)"):
         run(setup, "long", "--max-len", "2000")
