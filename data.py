@@ -99,7 +99,7 @@ def encode_chain(tok, chain: dict, base_vocab: int):
     where targets[t] is a token of the text of an analysis that concludes harmful (train.py
     --harmful-weight; not its markers)."""
     prompt = tok.chat(chain["question"])
-    tokens, verdict, harmful = list(prompt), [], []  # the positions of the conclusion's tokens, of a harmful analysis's
+    tokens, verdict, harmful = list(prompt), [], []  # verdict, harmful: token positions (ranges once found)
     for step, key in enumerate(STEP_KEYS):
         if chain.get(key, "").strip():
             text = tok.encode(chain[key].strip())
@@ -115,7 +115,10 @@ def encode_chain(tok, chain: dict, base_vocab: int):
                         break
     tokens.append(tok.eot_id)
     targets = [tokens[t + 1] if t + 1 >= len(prompt) else -100 for t in range(len(tokens) - 1)] + [-100]
-    return tokens, targets, [t + 1 in verdict for t in range(len(tokens))], [t + 1 in harmful for t in range(len(tokens))]
+
+    def marked(positions):  # per token t: is its target, tokens[t + 1], at one of these positions?
+        return [t + 1 in positions for t in range(len(tokens))]
+    return tokens, targets, marked(verdict), marked(harmful)
 
 
 def encode_chains(tok, chains: list, base_vocab: int, max_len: int):

@@ -128,8 +128,8 @@ def main():
                    help="the base's dtype in every training and evaluation (train.py --dtype); float32 on a CPU "
                         "with native bf16 reproduces the README's fp32 figures")
     args = p.parse_args()
-    args.train_flags = [f for name, value in (("--conclusion-weight", args.conclusion_weight), ("--harmful-weight", args.harmful_weight))
-                        if value is not None for f in (name, str(value))]
+    weights = {"--conclusion-weight": args.conclusion_weight, "--harmful-weight": args.harmful_weight}
+    args.train_flags = [f for flag, value in weights.items() if value is not None for f in (flag, str(value))]
     data_flags = [] if args.data == [train.RECIPE_DATA] else ["--data", *args.data]
     variants, seeds, sets = args.variants.split(","), args.seeds.split(","), args.sets.split(",")
     if any(v not in VARIANTS for v in variants):
