@@ -67,12 +67,19 @@ def random_base(args, device, dtype):
 
 
 def with_experts(model, cfg=mote.ExpertConfig()):
-    """Experts attached and made trained-looking (B != 0)."""
+    """Experts attached and made trained-looking (B != 0), in fp32 as train.py trains them."""
     mote.attach(model, cfg)
     with torch.no_grad():
         for b in mote.banks(model):
             b.B.normal_(0, 0.02)
     return model
+
+
+def for_decoding(model):
+    """Trained-looking experts as sample.load leaves them: cast once to the base's dtype
+    (mote.cast_experts). Left in fp32 under a bf16 base, every layer would cast its experts to bf16
+    again at every decoded token, a cost sample.py never pays."""
+    return mote.cast_experts(with_experts(model), model.dtype)
 
 
 def chain_batch(args, batch, seq, device):
@@ -242,7 +249,7 @@ def bench_decoding(preset, device, repeats, new_tokens, dtype_name="auto"):
                 row(f"{name} HF generate ({cache or 'dynamic'} cache), batch 1", hf_tps, "tok/s")
                 row(f"{name} ours / HF generate ({cache or 'dynamic'} cache)", plain1 / hf_tps, "x",
                     "target >= 1.2 (GPU)" if cache else "")
-        with_experts(model)
+        for_decoding(model)
         # the experts sampler on a path with all three steps, routed and merged
         routed = new_tokens / timed(run(1, experts=True, path="full"), repeats, sync)
         row(f"{name} with experts (routed), batch 1", routed, "tok/s")
@@ -259,7 +266,7 @@ def bench_per_token(preset, device, n_tokens=2000, window=20):
     args = ModelArgs.preset(preset)
     args = replace(args, max_seq_len=max(args.max_seq_len, n_tokens + 64))
     (dtype, _), sync = resolve_dtype("auto", device), synchronizer(device)
-    model = with_experts(random_base(args, device, dtype))
+    model = for_decoding(random_base(args, device, dtype))
     with torch.no_grad():
         model.lm_head.new.zero_()  # markers score below the best text token: steps close at max_step_tokens
     stamps = []

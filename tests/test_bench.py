@@ -17,3 +17,19 @@ def test_every_bench_path_runs_on_tiny_shapes():
                      "decode tiny bf16 KV cache, batch 1", "first call",
                      "with experts (merged per step)", "per-token time"):
         assert any(expected in n for n in names), expected
+
+
+def test_decoding_rows_use_the_experts_as_sample_py_loads_them(monkeypatch):
+    """The routed and merged rows time the experts in the base's dtype (mote.cast_experts, as
+    sample.load does), not fp32 experts cast again at every token under a bf16 base."""
+    seen, real = [], bench.generate
+
+    def spy(model, *a, **kw):
+        if kw.get("experts"):
+            seen.append({p.dtype for p in model.parameters()})
+        return real(model, *a, **kw)
+
+    monkeypatch.setattr(bench, "generate", spy)
+    bench.bench_decoding("tiny", "cpu", 1, 4, dtype_name="bfloat16")
+    bench.bench_per_token("tiny", "cpu", n_tokens=30, window=3)  # auto: bf16 on a CPU with native bf16
+    assert len(seen) >= 3 and all(len(dtypes) == 1 for dtypes in seen), seen
